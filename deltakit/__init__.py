@@ -1,0 +1,29 @@
+"""deltakit: what did fine-tuning change in a model, and how much of that change can be thrown away?
+
+The flow (DESIGN.md): a model reference resolves to a local snapshot (:mod:`deltakit.sources`), tensors are read
+lazily one at a time (:mod:`deltakit.tensors`), base and fine-tune are paired (:mod:`deltakit.pairing`), and the
+delta stream feeds statistics (:mod:`deltakit.stats`) and pruning methods (:mod:`deltakit.methods`).
+"""
+
+from __future__ import annotations
+
+from deltakit.pairing import PRESETS, Pairing, PairingError, pair_models
+from deltakit.sources import Snapshot, SourceError, resolve
+from deltakit.stats import DeltaStats, delta_stats
+from deltakit.tensors import CorruptCheckpointError, TensorReader
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "CorruptCheckpointError",
+    "DeltaStats",
+    "Pairing",
+    "PairingError",
+    "Snapshot",
+    "SourceError",
+    "TensorReader",
+    "delta_stats",
+    "pair_models",
+    "resolve",
+]

@@ -1,0 +1,311 @@
+"""Homology pre-flight: which tensors of a fine-tune correspond to which tensors of its base.
+
+Checks, before any tensor data is read (headers only):
+
+* architecture: ``config.model_type`` must agree (a BERT fine-tune against a Llama base is refused);
+* names, allowing one prefix difference: a bare ``BertModel`` base has keys ``encoder.layer.0...`` while its
+  ``BertForSequenceClassification`` fine-tunes have ``bert.encoder.layer.0...``. The prefix pair that matches
+  the most names wins;
+* non-float tensors (``embeddings.position_ids``) are skipped; fine-tune tensors with no base counterpart
+  (a new classifier head) are reported as unpaired and never pruned;
+* shapes: a mismatch (typically extra vocabulary rows) is refused, unless ``shared_rows=True`` asks to compare
+  the leading rows both tensors have;
+* the card: a warning when the fine-tune's model card names a ``base_model`` other than the given base.
+
+Which paired tensors are *prunable* is a named preset, as in the papers (DESIGN.md decision 4), refined by
+user include/exclude regexes. Excluded tensors keep their fine-tuned values bit for bit.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from deltakit.sources import Snapshot
+from deltakit.tensors import TensorReader
+
+__all__ = ["PRESETS", "Preset", "TensorPair", "Pairing", "PairingError", "pair_models", "module_kind",
+           "layer_index", "MODULE_KINDS"]
+
+
+class PairingError(ValueError):
+    """Base and fine-tune are not homologous (or the request cannot be honoured)."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named prunable set: a tensor is prunable iff it matches some ``include`` (or include is empty) and no
+    ``exclude`` regex (``re.fullmatch`` on the fine-tune's tensor name)."""
+
+    name: str
+    description: str
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("mergelm_encoder", "MergeLM encoders: every parameter except the classifier head",
+               exclude=(r".*classifier.*",)),
+        Preset("mergelm_decoder", "MergeLM decoders: every parameter, embeddings and lm_head included"),
+        Preset("darex_encoder", "DAREx encoders: same as mergelm_encoder", exclude=(r".*classifier.*",)),
+        Preset("darex_decoder", "DAREx decoders: attention and MLP only; embeddings, norms, lm_head keep "
+               "fine-tuned values", include=(r".*(mlp|self_attn).*",)),
+    )
+}
+
+MODULE_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_in", "ffn_out", "embedding", "norm", "head", "other")
+
+# Order matters: the first matching rule wins (norms inside attention output blocks are norms, not attn_o).
+_KIND_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(pattern))
+    for kind, pattern in (
+        ("head", r"(^|\.)(classifier|lm_head|score|qa_outputs)(\.|$)"),
+        ("norm", r"(layer_?norm|LayerNorm|(^|\.)ln_\w*|(^|\.)norm(\.|$)|_norm(\.|$)|rms_?norm)"),
+        ("embedding", r"(embed|(^|\.)wte(\.|$)|(^|\.)wpe(\.|$))"),
+        ("attn_q", r"(\.query(\.|$)|q_proj|\.q_lin\.|\.wq\.)"),
+        ("attn_k", r"(\.key(\.|$)|k_proj|\.k_lin\.|\.wk\.)"),
+        ("attn_v", r"(\.value(\.|$)|v_proj|\.v_lin\.|\.wv\.)"),
+        ("attn_o", r"(attention\.output\.dense|o_proj|out_proj|attn\.c_proj|\.out_lin\.|\.wo\.)"),
+        ("ffn_in", r"(intermediate\.dense|up_proj|gate_proj|(^|\.)fc1(\.|$)|c_fc|lin1|w1|w3)"),
+        ("ffn_out", r"((^|\.)output\.dense|down_proj|(^|\.)fc2(\.|$)|mlp\.c_proj|lin2|w2)"),
+    )
+)
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def module_kind(name: str) -> str:
+    """The module kind of a tensor name, one of :data:`MODULE_KINDS`."""
+    for kind, pattern in _KIND_RULES:
+        if pattern.search(name):
+            return kind
+    return "other"
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block index parsed from a tensor name (``encoder.layer.3.`` -> 3), or None."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class TensorPair:
+    """One fine-tune tensor and its base counterpart.
+
+    Attributes:
+        name: the fine-tune's tensor name (the name used everywhere downstream, and for mask keys).
+        base_name: the base checkpoint's name for it.
+        shape: the compared shape (the shared leading rows if ``rows`` is set).
+        rows: when shapes differ in dim 0 and shared rows were requested, the number of rows compared.
+        prunable: whether the preset and regexes select it for pruning.
+        kind: module kind; layer: block index or None.
+    """
+
+    name: str
+    base_name: str
+    shape: tuple[int, ...]
+    prunable: bool
+    kind: str
+    layer: int | None
+    rows: int | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """The result of the pre-flight for one (base, fine-tune).
+
+    Attributes:
+        pairs: the paired float tensors, in the fine-tune's order.
+        unpaired: fine-tune float tensors with no base counterpart (e.g. a new head); never pruned.
+        base_only: base float tensors absent from the fine-tune.
+        skipped: non-float tensors (buffers such as ``position_ids``), ignored.
+        base_prefix / ft_prefix: the name prefixes stripped to match.
+        warnings: human-readable notes (card mismatch, shared rows).
+    """
+
+    pairs: tuple[TensorPair, ...]
+    unpaired: tuple[str, ...]
+    base_only: tuple[str, ...]
+    skipped: tuple[str, ...]
+    base_prefix: str
+    ft_prefix: str
+    warnings: tuple[str, ...] = field(default=())
+
+    def prunable(self) -> list[TensorPair]:
+        return [p for p in self.pairs if p.prunable]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per fine-tune tensor: name, base_name, status (paired/unpaired/skipped), prunable, kind, layer."""
+        rows = [dict(name=p.name, base_name=p.base_name, status="paired", prunable=p.prunable, kind=p.kind,
+                     layer=p.layer, numel=p.numel) for p in self.pairs]
+        rows += [dict(name=n, base_name=None, status="unpaired", prunable=False, kind=module_kind(n),
+                      layer=layer_index(n), numel=None) for n in self.unpaired]
+        rows += [dict(name=n, base_name=None, status="skipped", prunable=False, kind=module_kind(n),
+                      layer=layer_index(n), numel=None) for n in self.skipped]
+        return pd.DataFrame(rows)
+
+
+def _prefixes(names: list[str]) -> set[str]:
+    out = {""}
+    for n in names:
+        if "." in n:
+            out.add(n.split(".", 1)[0] + ".")
+    return out
+
+
+def _strip(name: str, prefix: str) -> str | None:
+    if not prefix:
+        return name
+    return name[len(prefix):] if name.startswith(prefix) else None
+
+
+def _best_prefixes(base_names: list[str], ft_names: list[str]) -> tuple[str, str, dict[str, str]]:
+    """Choose (base_prefix, ft_prefix) maximising matched names; return the ft->base name map."""
+    best: tuple[int, str, str, dict[str, str]] = (-1, "", "", {})
+    base_set = set(base_names)
+    for bp in sorted(_prefixes(base_names)):
+        for fp in sorted(_prefixes(ft_names)):
+            mapping: dict[str, str] = {}
+            for n in ft_names:
+                core = _strip(n, fp)
+                if core is None:
+                    # A name outside the prefix (e.g. "classifier.weight") may still match verbatim.
+                    core = n
+                candidate = bp + core
+                if candidate in base_set:
+                    mapping[n] = candidate
+            if len(mapping) > best[0]:
+                best = (len(mapping), bp, fp, mapping)
+    return best[1], best[2], best[3]
+
+
+def _selector(preset: str, include: tuple[str, ...] | list[str] | None, exclude: tuple[str, ...] | list[str] | None):
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}. Or pass include/exclude regexes.")
+    p = PRESETS[preset]
+    try:
+        inc = [re.compile(r) for r in (*p.include, *(include or ()))]
+        exc = [re.compile(r) for r in (*p.exclude, *(exclude or ()))]
+    except re.error as err:
+        raise ValueError(f"bad include/exclude regex: {err}") from err
+
+    def prunable(name: str) -> bool:
+        if inc and not any(r.fullmatch(name) for r in inc):
+            return False
+        return not any(r.fullmatch(name) for r in exc)
+
+    return prunable
+
+
+def _check_architecture(base: Snapshot, ft: Snapshot) -> None:
+    bt, ftt = base.config.get("model_type"), ft.config.get("model_type")
+    if bt and ftt and bt != ftt:
+        raise PairingError(
+            f"different architectures: base {base.label!r} is model_type {bt!r}, fine-tune {ft.label!r} is {ftt!r}. "
+            "Deltas only make sense between a model and its own fine-tune; pick the base the fine-tune was trained from."
+        )
+
+
+def _card_warning(base: Snapshot, ft: Snapshot) -> str | None:
+    named = ft.card.get("base_model")
+    if not named:
+        return None
+    named_list = [named] if isinstance(named, str) else list(named)
+    known = {x for x in (base.repo_id, base.card.get("model_id"), base.ref) if x}
+    if known and not known.intersection(named_list):
+        return (f"the card of {ft.label!r} names base_model {named_list} but the given base is {sorted(known)}; "
+                "deltas against the wrong base are large and meaningless for DARE (check you picked the right base).")
+    return None
+
+
+def pair_models(
+    base: Snapshot,
+    ft: Snapshot,
+    *,
+    preset: str = "mergelm_encoder",
+    include: list[str] | tuple[str, ...] | None = None,
+    exclude: list[str] | tuple[str, ...] | None = None,
+    shared_rows: bool = False,
+    base_reader: TensorReader | None = None,
+    ft_reader: TensorReader | None = None,
+    allow_pickle: bool = False,
+) -> Pairing:
+    """Run the homology pre-flight for one fine-tune against its base (headers only).
+
+    Args:
+        base: the pre-trained snapshot.
+        ft: the fine-tuned snapshot.
+        preset: the named prunable set (:data:`PRESETS`).
+        include: extra regexes a tensor must fullmatch to be prunable.
+        exclude: extra regexes that make a tensor not prunable.
+        shared_rows: when shapes differ only in dim 0 (vocabulary rows), compare the shared leading rows
+            instead of refusing.
+        base_reader / ft_reader: readers to reuse (opened from the snapshots otherwise).
+        allow_pickle: passed to the readers.
+
+    Returns:
+        The pairing.
+
+    Raises:
+        PairingError: different architectures, no common tensors, or shape mismatches (the message lists them
+            and says how to compare shared rows).
+        KeyError: unknown preset.
+    """
+    _check_architecture(base, ft)
+    is_prunable = _selector(preset, include, exclude)
+    br = base_reader or TensorReader(base.path, allow_pickle=allow_pickle)
+    fr = ft_reader or TensorReader(ft.path, allow_pickle=allow_pickle)
+    base_float = [n for n in br.names() if br.info(n).is_float]
+    ft_names = fr.names()
+    skipped = tuple(n for n in ft_names if not fr.info(n).is_float)
+    ft_float = [n for n in ft_names if fr.info(n).is_float]
+    bp, fp, mapping = _best_prefixes(base_float, ft_float)
+    if not mapping:
+        raise PairingError(
+            f"no common tensors between base {base.label!r} ({len(base_float)} tensors, e.g. {base_float[:2]}) and "
+            f"fine-tune {ft.label!r} ({len(ft_float)} tensors, e.g. {ft_float[:2]}). Are these the same architecture?"
+        )
+    notes: list[str] = []
+    if (w := _card_warning(base, ft)) is not None:
+        warnings.warn(w, stacklevel=2)
+        notes.append(w)
+    pairs: list[TensorPair] = []
+    mismatches: list[str] = []
+    rows_only = True  # every mismatch differs only in dim 0 (vocabulary rows)
+    for n in ft_float:
+        if n not in mapping:
+            continue
+        bs, fs = br.info(mapping[n]).shape, fr.info(n).shape
+        rows = None
+        shape = fs
+        if bs != fs:
+            same_tail = len(bs) == len(fs) and len(bs) > 0 and bs[1:] == fs[1:]
+            if shared_rows and same_tail:
+                rows = min(bs[0], fs[0])
+                shape = (rows, *fs[1:])
+                notes.append(f"{n}: base has {bs[0]} rows, fine-tune {fs[0]}; comparing the first {rows}")
+            else:
+                rows_only = rows_only and same_tail
+                mismatches.append(f"{n}: base {tuple(bs)} vs fine-tune {tuple(fs)}")
+                continue
+        pairs.append(TensorPair(n, mapping[n], tuple(shape), is_prunable(n), module_kind(n), layer_index(n), rows))
+    if mismatches:
+        hint = (" Shapes differ only in the number of rows (vocabulary size): pass shared_rows=True (CLI: "
+                "--shared-rows) to compare the rows both have." if rows_only else "")
+        raise PairingError(f"{len(mismatches)} tensors differ in shape between base {base.label!r} and fine-tune "
+                           f"{ft.label!r}: {mismatches[:5]}.{hint}")
+    unpaired = tuple(n for n in ft_float if n not in mapping)
+    matched_base = set(mapping.values())
+    base_only = tuple(n for n in base_float if n not in matched_base)
+    return Pairing(tuple(pairs), unpaired, base_only, skipped, bp, fp, tuple(notes))

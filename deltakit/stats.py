@@ -1,0 +1,424 @@
+"""Delta statistics: what fine-tuning changed, per tensor, per layer, per module kind, and across fine-tunes.
+
+Streaming: the base and each fine-tune are read one tensor at a time (each tensor read once); per tensor we
+keep only *additive partials* (counts, sums of powers, an |delta| histogram), so every rollup -- by layer, by
+module kind, global -- is computed from sums, never as an average of averages.
+
+The quantities follow the DARE/DAREx papers' reporting (Yu et al. 2024, arXiv 2311.03099; Deng et al. 2025,
+arXiv 2410.09344): mean |delta|, max |delta| and the fraction of entries below 0.002 / 0.005 / 0.01 / 0.03
+(SFT deltas are "typically within 0.005"; continued pre-training reaches ~0.03).
+
+Quantiles of |delta| (p50/p90/p99) come from a log-spaced histogram with 100 bins per decade over
+[1e-10, 10) (values below 1e-10, zeros included, fall in the first bin; values >= 10 in the last): the reported
+value is the bin's geometric centre, so it is within 1.2% (relative) of the exact quantile for |delta| >= 1e-10.
+The threshold fractions are exact counts. Moments are accumulated in fp64 over finite entries; NaN/Inf entries
+are counted (column ``nonfinite``) and excluded, never fatal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from deltakit.pairing import Pairing, TensorPair, pair_models
+from deltakit.sources import Snapshot, resolve
+from deltakit.tensors import TensorReader
+
+__all__ = ["Partials", "partials_torch", "DeltaStats", "delta_stats", "THRESHOLDS", "HIST_LOG10_LO",
+           "HIST_LOG10_HI", "BINS_PER_DECADE", "N_BINS", "hist_edges"]
+
+THRESHOLDS = (0.002, 0.005, 0.01, 0.03)
+HIST_LOG10_LO = -10
+HIST_LOG10_HI = 1
+BINS_PER_DECADE = 100
+N_BINS = (HIST_LOG10_HI - HIST_LOG10_LO) * BINS_PER_DECADE
+
+
+def hist_edges() -> np.ndarray:
+    """The N_BINS + 1 bin edges of the |delta| histogram (the first bin also holds everything below 1e-10)."""
+    return 10.0 ** (HIST_LOG10_LO + np.arange(N_BINS + 1) / BINS_PER_DECADE)
+
+
+@dataclass
+class Partials:
+    """Additive sufficient statistics of one delta tensor (or of a sum of tensors).
+
+    Attributes:
+        count: finite entries. nonfinite: NaN/Inf entries. zeros: entries exactly 0.
+        sum, sumsq, sum3, sum4, sumabs: sums of d, d^2, d^3, d^4, |d| over finite entries (fp64).
+        absmax: max |d| over finite entries. base_sumsq: sum of base^2 (for the relative norm).
+        below: counts of finite |d| < each of :data:`THRESHOLDS`.
+        hist: counts of finite |d| in the log-spaced bins (:func:`hist_edges`).
+    """
+
+    count: int = 0
+    nonfinite: int = 0
+    zeros: int = 0
+    sum: float = 0.0
+    sumsq: float = 0.0
+    sum3: float = 0.0
+    sum4: float = 0.0
+    sumabs: float = 0.0
+    absmax: float = 0.0
+    base_sumsq: float = 0.0
+    below: np.ndarray = field(default_factory=lambda: np.zeros(len(THRESHOLDS), dtype=np.int64))
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(N_BINS, dtype=np.int64))
+
+    def __add__(self, other: Partials) -> Partials:
+        out = Partials()
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            setattr(out, f.name, max(a, b) if f.name == "absmax" else a + b)
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """The reported statistics (see the module docstring for definitions and precision)."""
+        n = self.count
+        out: dict[str, float] = {"numel": n + self.nonfinite, "nonfinite": self.nonfinite, "zeros": self.zeros}
+        mean = self.sum / n if n else math.nan
+        ex2 = self.sumsq / n if n else math.nan
+        var = max(ex2 - mean * mean, 0.0) if n else math.nan
+        m4 = (self.sum4 / n - 4 * mean * self.sum3 / n + 6 * mean**2 * ex2 - 3 * mean**4) if n else math.nan
+        out.update(
+            mean=mean,
+            std=math.sqrt(var) if n else math.nan,
+            mean_abs=self.sumabs / n if n else math.nan,
+            max_abs=self.absmax if n else math.nan,
+            l2=math.sqrt(self.sumsq),
+            base_l2=math.sqrt(self.base_sumsq),
+            rel_norm=math.sqrt(self.sumsq / self.base_sumsq) if self.base_sumsq > 0 else math.nan,
+            kurtosis=(m4 / var**2 - 3.0) if n and var > 0 else math.nan,
+        )
+        for t, c in zip(THRESHOLDS, self.below):
+            out[f"frac_below_{t:g}"] = c / n if n else math.nan
+        for q in (0.5, 0.9, 0.99):
+            out[f"p{round(q * 100)}_abs"] = self.quantile(q)
+        return out
+
+    def quantile(self, q: float) -> float:
+        """Quantile of |delta| from the histogram (geometric bin centre; 0 where the rank falls on exact zeros)."""
+        if self.count == 0:
+            return math.nan
+        rank = q * self.count
+        if rank <= self.zeros:
+            return 0.0
+        b = int(np.searchsorted(np.cumsum(self.hist), rank, side="left"))
+        b = min(b, N_BINS - 1)
+        return float(10.0 ** (HIST_LOG10_LO + (b + 0.5) / BINS_PER_DECADE))
+
+
+def partials_torch(base: torch.Tensor, ft: torch.Tensor) -> Partials:
+    """Partials of ``d = ft - base`` (fp32 difference, fp64 sums): the reference the Triton kernel must match.
+
+    Args:
+        base: the pre-trained tensor (any float dtype, any device).
+        ft: the fine-tuned tensor, same shape.
+
+    Returns:
+        The partials.
+    """
+    b32 = base.detach().reshape(-1).to(torch.float32)
+    d = ft.detach().reshape(-1).to(torch.float32) - b32
+    finite = torch.isfinite(d)
+    nonfinite = int((~finite).sum())
+    if nonfinite:
+        d = d[finite]
+    a = d.abs()
+    d64 = d.double()
+    bins = torch.floor((torch.log10(a) - HIST_LOG10_LO) * BINS_PER_DECADE).clamp_(0, N_BINS - 1)
+    bins = torch.where(a == 0, torch.zeros_like(bins), bins).long()
+    b64 = b32.double()
+    return Partials(
+        count=int(d.numel()),
+        nonfinite=nonfinite,
+        zeros=int((d == 0).sum()),
+        sum=float(d64.sum()),
+        sumsq=float((d64 * d64).sum()),
+        sum3=float((d64**3).sum()),
+        sum4=float((d64**4).sum()),
+        sumabs=float(d64.abs().sum()),
+        absmax=float(a.max()) if a.numel() else 0.0,
+        base_sumsq=float((b64 * b64).sum()),
+        below=np.array([int((a < t).sum()) for t in THRESHOLDS], dtype=np.int64),
+        hist=torch.bincount(bins, minlength=N_BINS).cpu().numpy().astype(np.int64),
+    )
+
+
+def _partials(base: torch.Tensor, ft: torch.Tensor) -> Partials:
+    if base.is_cuda:
+        from deltakit.kernels.apply import resolve_backend
+
+        if resolve_backend("auto", base.device) == "triton":
+            from deltakit.kernels.stats import partials_triton
+
+            return partials_triton(base, ft)
+    return partials_torch(base, ft)
+
+
+@dataclass(frozen=True)
+class _PairStats:
+    dot: float
+    sq_a: float
+    sq_b: float
+    agree: int
+    both_nonzero: int
+    topk_inter: int
+    k: int
+
+    def __add__(self, o: _PairStats) -> _PairStats:
+        return _PairStats(*(a + b for a, b in zip(self.astuple(), o.astuple())))
+
+    def astuple(self) -> tuple:
+        return (self.dot, self.sq_a, self.sq_b, self.agree, self.both_nonzero, self.topk_inter, self.k)
+
+    def row(self) -> dict[str, float]:
+        denom = math.sqrt(self.sq_a * self.sq_b)
+        return dict(
+            cosine=self.dot / denom if denom > 0 else math.nan,
+            sign_agreement=self.agree / self.both_nonzero if self.both_nonzero else math.nan,
+            topk_overlap=self.topk_inter / self.k if self.k else math.nan,
+        )
+
+
+def _pair_stats(da: torch.Tensor, db: torch.Tensor, topk: float) -> _PairStats:
+    a = torch.nan_to_num(da.reshape(-1), nan=0.0, posinf=0.0, neginf=0.0).double()
+    b = torch.nan_to_num(db.reshape(-1), nan=0.0, posinf=0.0, neginf=0.0).double()
+    both = (a != 0) & (b != 0)
+    k = max(1, math.ceil(topk * a.numel()))
+    ia = torch.topk(a.abs(), k, sorted=False).indices
+    ib = torch.topk(b.abs(), k, sorted=False).indices
+    inter = int(torch.isin(ia, ib).sum())
+    return _PairStats(float(a @ b), float(a @ a), float(b @ b), int((torch.sign(a) == torch.sign(b))[both].sum()),
+                      int(both.sum()), inter, k)
+
+
+@dataclass(frozen=True)
+class DeltaStats:
+    """Tidy delta statistics of one base and its fine-tunes.
+
+    Attributes:
+        tensors: one row per (model, tensor).
+        layers: one row per (model, layer) (tensors outside blocks have layer -1).
+        kinds: one row per (model, kind).
+        overall: one row per model (the global rollup).
+        similarity: one row per (model_a, model_b, tensor) plus ``tensor == "__global__"`` rows; cosine of deltas,
+            sign agreement (fraction of entries where both are nonzero and have the same sign) and the overlap of
+            the top-k |delta| sets (|A and B| / k, k = ceil(topk * numel) per tensor).
+        histograms: long format (model, kind, bin_lo, bin_hi, count), nonzero bins only; kind "all" is global.
+        pairing: one row per (model, tensor) of the pre-flight (paired / unpaired / skipped, prunable).
+        meta: base and fine-tune references and commits, preset, thresholds.
+    """
+
+    tensors: pd.DataFrame
+    layers: pd.DataFrame
+    kinds: pd.DataFrame
+    overall: pd.DataFrame
+    similarity: pd.DataFrame
+    histograms: pd.DataFrame
+    pairing: pd.DataFrame
+    meta: dict
+
+    FRAMES = ("tensors", "layers", "kinds", "overall", "similarity", "histograms", "pairing")
+
+    def save(self, out: str | Path) -> Path:
+        """Write every frame as ``<out>/<name>.parquet``, plus ``summary.txt`` and ``summary.json``.
+
+        Returns:
+            The output folder.
+        """
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in self.FRAMES:
+            getattr(self, name).to_parquet(out / f"{name}.parquet", index=False)
+        (out / "summary.txt").write_text(self.summary() + "\n")
+        (out / "summary.json").write_text(json.dumps(self.to_json(), indent=2, default=_json_default) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, out: str | Path) -> DeltaStats:
+        """Read statistics written by :meth:`save`."""
+        out = Path(out)
+        frames = {name: pd.read_parquet(out / f"{name}.parquet") for name in cls.FRAMES}
+        meta = json.loads((out / "summary.json").read_text())["meta"]
+        return cls(**frames, meta=meta)
+
+    def to_json(self) -> dict:
+        """A machine-readable summary: meta, the global and per-module-kind rollups per fine-tune, similarity."""
+        sim = self.similarity[self.similarity["tensor"] == "__global__"]
+        return {
+            "meta": self.meta,
+            "global": {r["model"]: _clean(r) for r in self.overall.to_dict("records")},
+            "kinds": {m: {r["kind"]: _clean(r) for r in g.to_dict("records")} for m, g in self.kinds.groupby("model")},
+            "similarity": [_clean(r) for r in sim.to_dict("records")],
+        }
+
+    def summary(self) -> str:
+        """A compact human-readable report."""
+        lines = [f"base: {self.meta['base']}"]
+        for r in self.overall.to_dict("records"):
+            lines.append(
+                f"  {r['model']}: {int(r['n_tensors'])} tensors, {int(r['numel']):,} params | mean|d| {r['mean_abs']:.3g}"
+                f" max|d| {r['max_abs']:.3g} |d|/|W| {r['rel_norm']:.3g} below 0.005: {r['frac_below_0.005']:.1%}"
+                f" p99|d| {r['p99_abs']:.3g}" + (f" NaN/Inf: {int(r['nonfinite'])}" if r["nonfinite"] else "")
+            )
+        lines.append("by module kind (mean |d|):")
+        piv = self.kinds.pivot(index="kind", columns="model", values="mean_abs")
+        lines.append(piv.to_string(float_format=lambda x: f"{x:.3g}"))
+        sim = self.similarity[self.similarity["tensor"] == "__global__"]
+        if len(sim):
+            lines.append("across fine-tunes (global):")
+            for r in sim.to_dict("records"):
+                lines.append(f"  {r['model_a']} vs {r['model_b']}: cosine {r['cosine']:.3f}, sign agreement "
+                             f"{r['sign_agreement']:.1%}, top-1% overlap {r['topk_overlap']:.1%}")
+        unp = self.pairing[self.pairing["status"] == "unpaired"]
+        if len(unp):
+            lines.append(f"unpaired (new in the fine-tune, not compared): {sorted(set(unp['name']))}")
+        return "\n".join(lines)
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    return str(o)
+
+
+def _clean(r: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+
+
+def _labels(snaps: Sequence[Snapshot]) -> list[str]:
+    labels: list[str] = []
+    for s in snaps:
+        label, n = s.label, 2
+        while label in labels:  # the same model given twice: keep rows distinguishable
+            label, n = f"{s.label}#{n}", n + 1
+        labels.append(label)
+    return labels
+
+
+def delta_stats(
+    base: str | Snapshot,
+    fine_tunes: Sequence[str | Snapshot],
+    *,
+    preset: str = "mergelm_encoder",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    shared_rows: bool = False,
+    topk: float = 0.01,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> DeltaStats:
+    """Compute delta statistics of one base and one or more fine-tunes, streaming one tensor at a time.
+
+    Every fine-tune is paired with the base first (headers only), so a bad fine-tune is refused before any
+    tensor data is read.
+
+    Args:
+        base: the pre-trained model (reference or snapshot; see :func:`deltakit.sources.resolve`).
+        fine_tunes: one or more fine-tunes of that base.
+        preset / include / exclude: the prunable set (recorded per tensor; statistics cover all paired tensors).
+        shared_rows: compare the shared leading rows of tensors whose row counts differ (vocabulary).
+        topk: the fraction of entries per tensor in the top-|delta| sets compared across fine-tunes.
+        device: where to compute (``"cuda"`` uses the Triton statistics kernel when available).
+        allow_pickle: accept pickled weights (unsafe for untrusted models).
+        progress: show a progress bar.
+
+    Returns:
+        The statistics.
+
+    Raises:
+        ValueError: no fine-tunes, or topk outside (0, 1].
+        deltakit.sources.SourceError / deltakit.pairing.PairingError: unresolvable or non-homologous models.
+    """
+    if not fine_tunes:
+        raise ValueError("no fine-tunes given: pass at least one fine-tuned model to compare with the base.")
+    if not 0 < topk <= 1:
+        raise ValueError(f"topk={topk} must be in (0, 1] (a fraction of each tensor's entries).")
+    base_snap = base if isinstance(base, Snapshot) else resolve(base, allow_pickle=allow_pickle)
+    ft_snaps = [f if isinstance(f, Snapshot) else resolve(f, allow_pickle=allow_pickle) for f in fine_tunes]
+    labels = _labels(ft_snaps)
+    base_reader = TensorReader(base_snap.path, allow_pickle=allow_pickle)
+    ft_readers = [TensorReader(s.path, allow_pickle=allow_pickle) for s in ft_snaps]
+    pairings: list[Pairing] = [
+        pair_models(base_snap, s, preset=preset, include=include, exclude=exclude, shared_rows=shared_rows,
+                    base_reader=base_reader, ft_reader=r)
+        for s, r in zip(ft_snaps, ft_readers)
+    ]
+    # base tensor name -> [(fine-tune index, pair)], in base checkpoint order.
+    by_base: dict[str, list[tuple[int, TensorPair]]] = {}
+    for i, pairing in enumerate(pairings):
+        for p in pairing.pairs:
+            by_base.setdefault(p.base_name, []).append((i, p))
+    order = [n for n in base_reader.names() if n in by_base]
+
+    rows: list[dict] = []
+    parts: dict[tuple[str, str, object], Partials] = {}
+    hist_rows: dict[tuple[str, str], np.ndarray] = {}
+    sims: dict[tuple[int, int], _PairStats] = {}
+    sim_rows: list[dict] = []
+    dev = torch.device(device)
+    for base_name in tqdm(order, desc="delta stats", unit="tensor", disable=not progress):
+        entries = by_base[base_name]
+        base_t = base_reader.read(base_name).to(dev)
+        deltas: dict[int, torch.Tensor] = {}
+        for i, p in entries:
+            ft_t = ft_readers[i].read(p.name).to(dev)
+            b = base_t
+            if p.rows is not None:
+                b, ft_t = base_t[: p.rows], ft_t[: p.rows]
+            part = _partials(b, ft_t)
+            rows.append(dict(model=labels[i], tensor=p.name, base_tensor=base_name, kind=p.kind,
+                             layer=-1 if p.layer is None else p.layer, prunable=p.prunable, **part.summary()))
+            for key in ((labels[i], "layer", -1 if p.layer is None else p.layer), (labels[i], "kind", p.kind),
+                        (labels[i], "all", "all")):
+                parts[key] = parts.get(key, Partials()) + part
+            if len(entries) > 1:
+                deltas[i] = ft_t.to(torch.float32) - b.to(torch.float32)
+        for (i, da), (j, db) in itertools.combinations(sorted(deltas.items()), 2):
+            ps = _pair_stats(da, db, topk)
+            sims[(i, j)] = sims[(i, j)] + ps if (i, j) in sims else ps
+            sim_rows.append(dict(model_a=labels[i], model_b=labels[j], tensor=base_name, **ps.row()))
+        del deltas, base_t
+
+    def rollup(scope: str, col: str) -> pd.DataFrame:
+        out = []
+        for (model, s, value), part in parts.items():
+            if s == scope:
+                n_t = sum(1 for r in rows if r["model"] == model and (scope == "all" or r[col] == value))
+                out.append({"model": model, **({col: value} if col else {}), "n_tensors": n_t, **part.summary()})
+        return pd.DataFrame(out)
+
+    for (model, s, value), part in parts.items():
+        if s in ("kind", "all"):
+            hist_rows[(model, value if s == "kind" else "all")] = part.hist
+    edges = hist_edges()
+    hist_df = pd.DataFrame(
+        [dict(model=m, kind=k, bin_lo=edges[b], bin_hi=edges[b + 1], count=int(h[b]))
+         for (m, k), h in hist_rows.items() for b in np.nonzero(h)[0]]
+    )
+    for (i, j), ps in sims.items():
+        sim_rows.append(dict(model_a=labels[i], model_b=labels[j], tensor="__global__", **ps.row()))
+    pairing_df = pd.concat([p.to_frame().assign(model=labels[i]) for i, p in enumerate(pairings)], ignore_index=True)
+    meta = dict(
+        base=base_snap.ref, base_commit=base_snap.commit, fine_tunes=[s.ref for s in ft_snaps], labels=labels,
+        fine_tune_commits=[s.commit for s in ft_snaps], preset=preset, include=list(include or []),
+        exclude=list(exclude or []), shared_rows=shared_rows, topk=topk, thresholds=list(THRESHOLDS),
+        warnings=[w for p in pairings for w in p.warnings],
+    )
+    layers = rollup("layer", "layer").sort_values(["model", "layer"], ignore_index=True)
+    kinds = rollup("kind", "kind").sort_values(["model", "kind"], ignore_index=True)
+    sim_df = pd.DataFrame(sim_rows, columns=["model_a", "model_b", "tensor", "cosine", "sign_agreement",
+                                             "topk_overlap"])
+    return DeltaStats(pd.DataFrame(rows), layers, kinds, rollup("all", ""), sim_df, hist_df, pairing_df, meta)

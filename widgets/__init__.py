@@ -1,0 +1,1 @@
+"""deltakit.widgets: ipywidgets UIs over the library (thin shells; the logic lives in deltakit)."""
