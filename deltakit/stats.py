@@ -134,7 +134,7 @@ def partials_torch(base: torch.Tensor, ft: torch.Tensor) -> Partials:
         d = d[finite]
     a = d.abs()
     d64 = d.double()
-    bins = torch.floor((torch.log10(a) - HIST_LOG10_LO) * BINS_PER_DECADE).clamp_(0, N_BINS - 1)
+    bins = torch.floor((torch.log10(a.double()) - HIST_LOG10_LO) * BINS_PER_DECADE).clamp_(0, N_BINS - 1)
     bins = torch.where(a == 0, torch.zeros_like(bins), bins).long()
     b64 = b32.double()
     return Partials(
