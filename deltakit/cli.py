@@ -3,6 +3,8 @@
     deltakit family list
     deltakit family build [NAME ...]
     deltakit stats BASE FT [FT ...] [--out DIR] [--json]
+    deltakit sweep BASE FT --methods dare magnitude --rates 0.5 0.9 --seeds 0 1 [--task T] [--out DIR]
+    deltakit demo [--out DIR]
 """
 
 from __future__ import annotations
@@ -50,6 +52,31 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from deltakit.sweep import sweep
+
+    df = sweep(args.base, args.fine_tune, methods=args.methods, rates=args.rates, seeds=args.seeds, task=args.task,
+               split=args.split, eval_limit=args.limit, preset=args.preset, include=args.include,
+               exclude=args.exclude, out=args.out, device=args.device, backend=args.backend)
+    ok = df[df["status"] == "ok"]
+    metric = "accuracy" if "accuracy" in set(ok["metric"]) else ok["metric"].iloc[0]
+    table = ok[ok["metric"] == metric].groupby(["label", "rate"])["value"].agg(["mean", "std", "count"])
+    print(table.to_string(float_format=lambda x: f"{x:.4f}"))
+    failed = df[df["status"] == "failed"]
+    if len(failed):
+        print(f"{len(failed)} point(s) failed, e.g.: {failed['error'].iloc[0]}")
+    print(f"results: {args.out}/results.parquet")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from deltakit.demo import run_demo
+
+    path = run_demo(args.out, family=args.family, eval_limit=args.limit)
+    print(f"report: {path}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deltakit",
@@ -79,6 +106,32 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--device", default="cpu", help="cpu or cuda (cuda uses the Triton statistics kernel)")
     st.add_argument("--allow-pickle", action="store_true", help="accept pickled weights (unsafe for untrusted models)")
     st.set_defaults(func=_cmd_stats)
+
+    sw = sub.add_parser("sweep", help="prune a fine-tune over methods x rates x seeds and evaluate every point")
+    sw.add_argument("base")
+    sw.add_argument("fine_tune")
+    sw.add_argument("--methods", nargs="+", default=["dare"],
+                    help="registry methods or DAREx-q strategies, NAME or NAME:KEY=VALUE,... (e.g. darex_q:q=0.2)")
+    sw.add_argument("--rates", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9, 0.99],
+                    help="pruning rates in [0, 1] (sorted and de-duplicated)")
+    sw.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    sw.add_argument("--task", help="evaluation data: glue/TASK, a dataset id, a parquet/csv file "
+                    "(default: the family member's own data)")
+    sw.add_argument("--split", default="test", help="evaluation split (default: test)")
+    sw.add_argument("--limit", type=int, help="evaluate on a seeded subset of this many examples")
+    sw.add_argument("--out", default="deltakit-sweep", help="results folder (resumable)")
+    sw.add_argument("--preset", default="mergelm_encoder")
+    sw.add_argument("--include", action="append")
+    sw.add_argument("--exclude", action="append")
+    sw.add_argument("--device", default="cpu")
+    sw.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    sw.set_defaults(func=_cmd_sweep)
+
+    de = sub.add_parser("demo", help="the main job: statistics, sweeps and an HTML report on the embedded family")
+    de.add_argument("--out", default="deltakit-demo", help="output folder (index.html, results.parquet)")
+    de.add_argument("--family", default="minilm-tweets", help="embedded family (tiny: a seconds-long smoke run)")
+    de.add_argument("--limit", type=int, default=600, help="test examples per evaluation (default 600)")
+    de.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -179,13 +179,14 @@ def resolve(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Snaps
     """
     text = os.fspath(ref)
     if text.startswith(FAMILY_PREFIX):
-        from deltakit.families import member_path, model_id
+        from deltakit.families.build import get_family, member_path
 
         family, _, member = text[len(FAMILY_PREFIX):].partition("/")
         if not family or not member:
             raise SourceError(f"{text!r}: a family reference is 'family:FAMILY/MEMBER', e.g. family:tiny/sentiment3.")
         path = member_path(family, member)
-        return Snapshot(text, path, "family", model_id(family, member), None, _read_config(path), read_card(path))
+        return Snapshot(text, path, "family", get_family(family).model_id(member), None, _read_config(path),
+                        read_card(path))
     local = Path(text).expanduser()
     if local.is_dir():
         _check_weights(local, text, allow_pickle)

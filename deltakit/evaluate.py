@@ -1,0 +1,250 @@
+"""Evaluation: a model -> ``dict[str, float]`` of metrics on a ``datasets`` split. No plotting here.
+
+An *evaluator* is any callable ``model -> dict[str, float]``; sweeps call it once per point. deltakit provides:
+
+* :class:`ClassificationEvaluator` -- sequence classification (and regression, e.g. STS-B): the split is
+  tokenized once at construction, batches are padded dynamically, metrics come from scikit-learn / scipy:
+  accuracy, macro-F1, MCC (classification), Pearson / Spearman (regression), and for GLUE tasks GLUE's own
+  primary score (CoLA: MCC; MRPC/QQP: mean of accuracy and F1; STS-B: mean of Pearson and Spearman; others:
+  accuracy), as in MergeLM's ``utils/metrics.py``. ``evaluate.load`` is never used: it fetches code from the Hub.
+* :class:`PerplexityEvaluator` -- causal LMs: exp(mean next-token negative log-likelihood).
+
+:func:`load_split` reads a split from an embedded family (``family:minilm-tweets/sentiment3``), a GLUE task
+(``glue/sst2``: the official validation split is the usual test set, as in the DARE/DAREx papers), any Hub
+dataset id, or a local parquet/csv/json file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["GLUE_TASKS", "Evaluator", "ClassificationEvaluator", "PerplexityEvaluator", "classification_metrics",
+           "load_split"]
+
+Evaluator = Callable[[torch.nn.Module], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Columns and scoring of one GLUE task (test split = the official validation split)."""
+
+    text: str
+    text_pair: str | None
+    score: str  # the GLUE primary score name
+    split: str = "validation"
+    regression: bool = False
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "cola": GlueTask("sentence", None, "mcc"),
+    "sst2": GlueTask("sentence", None, "accuracy"),
+    "mrpc": GlueTask("sentence1", "sentence2", "accuracy_f1"),
+    "stsb": GlueTask("sentence1", "sentence2", "pearson_spearman", regression=True),
+    "qqp": GlueTask("question1", "question2", "accuracy_f1"),
+    "mnli": GlueTask("premise", "hypothesis", "accuracy", split="validation_matched"),
+    "qnli": GlueTask("question", "sentence", "accuracy"),
+    "rte": GlueTask("sentence1", "sentence2", "accuracy"),
+    "wnli": GlueTask("sentence1", "sentence2", "accuracy"),
+}
+
+
+def classification_metrics(labels: np.ndarray, outputs: np.ndarray, *, regression: bool = False,
+                           glue_score: str | None = None) -> dict[str, float]:
+    """Metrics from labels and model outputs.
+
+    Args:
+        labels: true labels (ints) or targets (floats, regression).
+        outputs: predicted labels (ints) or predicted values (regression).
+        regression: compute Pearson / Spearman instead of classification metrics.
+        glue_score: add ``score`` with GLUE's primary score (``mcc``, ``accuracy``, ``accuracy_f1``,
+            ``pearson_spearman``).
+
+    Returns:
+        ``accuracy``, ``macro_f1``, ``mcc`` (and ``f1`` for binary tasks), or ``pearson``, ``spearman``; plus
+        ``score`` when ``glue_score`` is given.
+    """
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    if regression:
+        out = {"pearson": float(pearsonr(outputs, labels)[0]), "spearman": float(spearmanr(outputs, labels)[0])}
+    else:
+        out = {"accuracy": float(accuracy_score(labels, outputs)),
+               "macro_f1": float(f1_score(labels, outputs, average="macro")),
+               "mcc": float(matthews_corrcoef(labels, outputs))}
+        if len(np.unique(labels)) <= 2:
+            out["f1"] = float(f1_score(labels, outputs, zero_division=0.0))
+    if glue_score == "accuracy_f1":
+        out["score"] = (out["accuracy"] + out["f1"]) / 2
+    elif glue_score == "pearson_spearman":
+        out["score"] = (out["pearson"] + out["spearman"]) / 2
+    elif glue_score is not None:
+        out["score"] = out[glue_score]
+    return out
+
+
+def _batches(n: int, batch_size: int) -> list[range]:
+    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+class ClassificationEvaluator:
+    """Evaluate a sequence-classification model on a labelled split.
+
+    The split is tokenized once here (sweeps evaluate the same split many times); batches are padded to their
+    own longest sequence, with examples sorted by length so padding stays small.
+
+    Args:
+        dataset: a ``datasets.Dataset`` (or anything with ``column_names`` and ``__getitem__(column)``).
+        tokenizer: the model's tokenizer.
+        text_column / text_pair_column / label_column: column names.
+        batch_size: examples per forward pass.
+        max_length: truncation length in tokens.
+        regression: a one-output regression head (STS-B).
+        glue_score: GLUE's primary score to add as ``score`` (see :data:`GLUE_TASKS`).
+        device: where to run; defaults to the model's device.
+        progress: show a progress bar per evaluation.
+
+    Raises:
+        ValueError: missing columns (the message lists the available ones) or an empty split.
+    """
+
+    def __init__(self, dataset, tokenizer, *, text_column: str = "text", text_pair_column: str | None = None,
+                 label_column: str = "label", batch_size: int = 64, max_length: int = 128,
+                 regression: bool = False, glue_score: str | None = None, progress: bool = False) -> None:
+        needed = [c for c in (text_column, text_pair_column, label_column) if c]
+        missing = [c for c in needed if c not in dataset.column_names]
+        if missing:
+            raise ValueError(f"dataset has no column(s) {missing}; available: {list(dataset.column_names)}. "
+                             "Pass text_column= / label_column= to name the right ones.")
+        if len(dataset) == 0:
+            raise ValueError("the evaluation split is empty.")
+        texts = list(dataset[text_column])
+        pairs = list(dataset[text_pair_column]) if text_pair_column else None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(texts))]
+        order = sorted(range(len(texts)), key=lambda i: len(features[i]["input_ids"]))
+        # Padded once here: an evaluation is then forward passes only.
+        self._batches = [(np.asarray([order[i] for i in idx]),
+                          dict(tokenizer.pad([features[order[i]] for i in idx], return_tensors="pt")))
+                         for idx in _batches(len(order), batch_size)]
+        self.labels = np.asarray(dataset[label_column])
+        self.batch_size = batch_size
+        self.regression = regression
+        self.glue_score = glue_score
+        self.progress = progress
+        self.n = len(texts)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a model whose head cannot produce the split's labels.
+
+        Raises:
+            ValueError: labels outside ``range(num_labels)``, or a regression split with a classification head.
+        """
+        num_labels = int(getattr(model.config, "num_labels", 0))
+        if self.regression:
+            if num_labels != 1:
+                raise ValueError(f"regression split but the model head has num_labels={num_labels} (expected 1).")
+            return
+        lo, hi = int(self.labels.min()), int(self.labels.max())
+        if lo < 0 or hi >= num_labels:
+            raise ValueError(
+                f"the split's labels span {lo}..{hi} but the model head has num_labels={num_labels}: this model was "
+                "not fine-tuned on this task (pick the matching split or model; test splits with label -1 are unlabelled)."
+            )
+
+    @torch.inference_mode()
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        self.check_model(model)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        outputs = np.empty(self.n, dtype=np.float64 if self.regression else np.int64)
+        for rows, batch in tqdm(self._batches, desc="evaluate", leave=False, disable=not self.progress):
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            pred = logits[:, 0] if self.regression else logits.argmax(-1)
+            outputs[rows] = pred.cpu().numpy()
+        model.train(was_training)
+        return classification_metrics(self.labels, outputs, regression=self.regression, glue_score=self.glue_score)
+
+
+class PerplexityEvaluator:
+    """Perplexity of a causal LM on a list of texts: exp(mean next-token NLL over all predicted tokens).
+
+    Args:
+        texts: the evaluation texts.
+        tokenizer: the model's tokenizer.
+        max_length: truncation length; batch_size: texts per forward pass.
+    """
+
+    def __init__(self, texts: Sequence[str], tokenizer, *, max_length: int = 256, batch_size: int = 8) -> None:
+        if not texts:
+            raise ValueError("no texts to compute perplexity on.")
+        self._enc = [tokenizer(t, truncation=True, max_length=max_length) for t in texts]
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @torch.inference_mode()
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        nll, count = 0.0, 0
+        for idx in _batches(len(self._enc), self.batch_size):
+            batch = self.tokenizer.pad([self._enc[i] for i in idx], return_tensors="pt").to(device)
+            logits = model(**batch).logits.float()[:, :-1]
+            target = batch["input_ids"][:, 1:]
+            mask = batch["attention_mask"][:, 1:].bool()
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            nll += float(loss[mask].sum())
+            count += int(mask.sum())
+        return {"perplexity": math.exp(nll / count), "nll": nll / count}
+
+
+def load_split(source: str, split: str = "validation", *, limit: int | None = None, seed: int = 0):
+    """Load one split of an evaluation dataset.
+
+    Args:
+        source: ``family:FAMILY/MEMBER`` (the member's own task data), ``glue/TASK``, a Hub dataset id
+            (``org/name``, optionally ``org/name:config``), or a local ``.parquet`` / ``.csv`` / ``.json`` file.
+        split: split name (GLUE: defaults to the task's test split, the official validation split).
+        limit: keep a deterministic random subset of this many rows (seeded), for fast sweeps.
+        seed: the subset's seed.
+
+    Returns:
+        A ``datasets.Dataset``.
+
+    Raises:
+        ValueError: unknown GLUE task or unreadable source.
+    """
+    import datasets
+
+    if source.startswith("family:"):
+        from deltakit.families.build import get_family
+        from deltakit.families.build import load_split as load_family_split
+
+        family, _, member = source[len("family:"):].partition("/")
+        fam = get_family(family)
+        task = fam.finetune(member).task if member != fam.base else fam.finetunes[0].task
+        ds = load_family_split(family, split, task=task)
+    elif source.startswith("glue/"):
+        task = source[len("glue/"):]
+        if task not in GLUE_TASKS:
+            raise ValueError(f"unknown GLUE task {task!r}; available: {sorted(GLUE_TASKS)}.")
+        ds = datasets.load_dataset("nyu-mll/glue", task, split=GLUE_TASKS[task].split if split == "validation"
+                                   else split)
+    elif Path(source).suffix in (".parquet", ".csv", ".json", ".jsonl"):
+        kind = {".jsonl": "json"}.get(Path(source).suffix, Path(source).suffix[1:])
+        ds = datasets.load_dataset(kind, data_files={split: source}, split=split)
+    else:
+        name, _, config = source.partition(":")
+        ds = datasets.load_dataset(name, config or None, split=split)
+    if limit is not None and limit < len(ds):
+        ds = ds.shuffle(seed=seed).select(range(limit))
+    return ds

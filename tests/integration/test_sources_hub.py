@@ -1,0 +1,100 @@
+"""deltakit's loaders against the local Hub server, through the unmodified huggingface_hub client."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltakit.sources import SourceError, resolve
+from deltakit.stats import delta_stats
+
+
+def test_stats_by_repo_id_match_local_folders(published, tiny, hf_home):
+    by_id = delta_stats(published["base"], [published["sentiment3"], published["sentiment3-hot"]], progress=False)
+    local = delta_stats(str(tiny / "base"), [str(tiny / "sentiment3"), str(tiny / "sentiment3-hot")], progress=False)
+    a = by_id.overall.set_index("model")["mean_abs"].to_numpy()
+    b = local.overall.set_index("model")["mean_abs"].to_numpy()
+    assert a.tolist() == b.tolist()
+    # The hot member's deltas are clearly larger (lr 1e-3 vs 5e-5).
+    assert a[1] > 3 * a[0]
+    assert by_id.meta["base_commit"] is not None and len(by_id.meta["base_commit"]) == 40
+
+
+def test_snapshot_fetches_only_safe_files_and_pins_the_commit(local_hub, published, hf_home):
+    repo = published["sentiment3"]
+    local_hub.commit(repo, {"pytorch_model.bin": b"not loaded", "train.py": b"print('x')"})
+    snap = resolve(repo)
+    names = {p.name for p in snap.path.iterdir()}
+    assert "model.safetensors" in names and "config.json" in names and "README.md" in names
+    assert "pytorch_model.bin" not in names and "train.py" not in names
+    assert snap.kind == "hub" and snap.commit == snap.path.name and len(snap.commit) == 40
+    assert snap.card["base_model"].endswith("tiny-base")
+
+
+def test_revision_pinning(local_hub, published, tiny, hf_home):
+    repo = published["sentiment3"]
+    first = resolve(repo).commit
+    hot = (tiny / "sentiment3-hot" / "model.safetensors").read_bytes()
+    second = local_hub.commit(repo, {"model.safetensors": hot}, message="swap weights")
+    local_hub.tag(repo, "v1", first)
+    assert resolve(repo).commit == second
+    assert resolve(f"{repo}@{first}").commit == first
+    assert resolve(f"{repo}@v1").commit == first
+    old = delta_stats(published["base"], [f"{repo}@v1"], progress=False).overall["mean_abs"].iloc[0]
+    new = delta_stats(published["base"], [repo], progress=False).overall["mean_abs"].iloc[0]
+    assert new > 3 * old
+
+
+def test_missing_repo_revision_and_weights(local_hub, published, hf_home):
+    with pytest.raises(SourceError, match=r"model repo 'nobody/nothing' not found"):
+        resolve("nobody/nothing")
+    with pytest.raises(SourceError, match=r"revision 'no-such-branch' not found"):
+        resolve(f"{published['base']}@no-such-branch")
+    local_hub.commit("weightless/model", {"config.json": b'{"model_type": "bert"}', "README.md": b"# none"})
+    with pytest.raises(SourceError, match="no safetensors"):
+        resolve("weightless/model")
+
+
+def test_pickle_only_repo_is_refused_unless_allowed(local_hub, tiny, hf_home, tmp_path):
+    from deltakit.tensors import TensorReader
+
+    state = TensorReader(tiny / "sentiment3").read("classifier.weight")
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"classifier.weight": state}, path)
+    local_hub.commit("pickly/model", {"config.json": b'{"model_type": "bert"}', "pytorch_model.bin": path})
+    with pytest.raises(SourceError, match="only pickled weights.*allow_pickle=True"):
+        resolve("pickly/model")
+    snap = resolve("pickly/model", allow_pickle=True)
+    assert torch.equal(TensorReader(snap.path, allow_pickle=True).read("classifier.weight"), state)
+
+
+def test_offline_reuses_the_cache(local_hub, published, hf_home, request):
+    online = resolve(published["polarity"])
+    before = local_hub.requests
+    request.getfixturevalue("hub_offline")
+    offline = resolve(published["polarity"])
+    assert offline.path == online.path and local_hub.requests == before
+    with pytest.raises(SourceError, match="HF_HUB_OFFLINE"):
+        resolve(published["sentiment3-hot"])  # never downloaded
+
+
+def test_corrupt_download_gives_clear_error(local_hub, published, tiny, hf_home):
+    from deltakit.tensors import CorruptCheckpointError
+
+    repo = published["polarity"]
+    data = (tiny / "polarity" / "model.safetensors").read_bytes()
+    local_hub.commit(repo, {"model.safetensors": data[: len(data) // 2]}, message="truncated upload")
+    with pytest.raises(CorruptCheckpointError, match="truncated or corrupt"):
+        delta_stats(published["base"], [repo], progress=False)
+
+
+def test_different_architecture_refused(local_hub, published, tiny, hf_home):
+    import json
+
+    from deltakit.pairing import PairingError
+
+    config = json.loads((tiny / "sentiment3" / "config.json").read_text())
+    config["model_type"] = "roberta"
+    local_hub.commit(published["sentiment3"], {"config.json": json.dumps(config).encode()})
+    with pytest.raises(PairingError, match="different architectures"):
+        delta_stats(published["base"], [published["sentiment3"]], progress=False)
