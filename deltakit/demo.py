@@ -61,7 +61,8 @@ def run_demo(out: str | Path = "deltakit-demo", *, family: str = "minilm-tweets"
     sections: list[tuple[str, object]] = [
         ("Delta statistics", overall),
         ("|delta| distributions", plots.delta_histogram(stats.histograms)),
-        ("Where fine-tuning changed the model (sentiment3)", plots.layer_kind_heatmap(stats.tensors, "sentiment3")),
+        ("Where fine-tuning changed the model (sentiment3)",
+         plots.layer_kind_heatmap(stats.tensors, f"{family}/sentiment3")),
         ("Similarity of the fine-tunes' deltas", plots.similarity_matrix(stats.similarity)),
     ]
     for member, _ in plans:

@@ -87,7 +87,7 @@ def metric_curves(results: pd.DataFrame, metric: str = "accuracy", *, interval: 
                                                "%{customdata[2]:.4f}] over %{customdata[0]} seeds<extra>" + label +
                                                "</extra>", text=[f"{r:g}" for r in g["rate"]]))
     if len(data):
-        x_all = xs(data["rate"])
+        x_all = xs((curves if len(curves) else data)["rate"])
         span = np.array([x_all.min(), x_all.max()])
         for _, r in refs.iterrows():  # horizontal reference lines as traces: they update with the data
             traces.append(go.Scatter(x=span, y=[r["mean"], r["mean"]], mode="lines", name=f"{r['method']} ({r['mean']:.3f})",
