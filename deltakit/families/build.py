@@ -193,6 +193,13 @@ FAMILIES: dict[str, Family] = {
                     Recipe(learning_rate=1e-3, steps=200, warmup_fraction=0.25),
                     f"{_SENTIMENT3} at a 20x larger learning rate: large deltas, the regime where DARE breaks.",
                 ),
+                MemberSpec(
+                    "sentiment3-adamr",
+                    "sentiment3",
+                    Recipe(learning_rate=5e-5, steps=200, optimizer="adamr", weight_decay=1.0),
+                    f"{_SENTIMENT3}, trained with AdamR-L2 (DAREx-L2, lambda=1): the delta is pulled toward zero, "
+                    "so that DARE can drop more of it.",
+                ),
             ),
             data=DataSpec(seed=0),
             license="apache-2.0",

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-_OPTIMIZERS = ("adamw",)
+_OPTIMIZERS = ("adamw", "adamr")
 _SCHEDULES = ("linear",)
 
 
@@ -48,14 +48,16 @@ class Recipe:
         batch_size: Examples per step, >= 1.
         max_length: Tokens per example after truncation (including [CLS]/[SEP]), >= 8.
         warmup_fraction: Fraction of ``steps`` with linearly rising learning rate, in [0, 1).
-        weight_decay: AdamW decoupled weight decay (not applied to biases and LayerNorm), in [0, 1).
+        weight_decay: AdamW decoupled weight decay (not applied to biases and LayerNorm), in [0, 1); with
+            ``optimizer="adamr"`` the delta-regularisation strength λ of AdamR-L2 (pulls θ toward the pre-trained
+            θ_pre, every parameter but the new classifier head), in [0, 100].
         max_grad_norm: Gradient-norm clipping threshold, > 0.
         seed: Seeds dropout, head initialisation, data order and MLM masks, >= 0.
         group_by_length: Batch examples of similar token length together (as ``transformers.Trainer``'s
             ``group_by_length``): the data are still drawn in a seeded random order, but inside each window of
             ``50 * batch_size`` examples they are sorted by length, cut into batches, and the batches shuffled.
             Padding, and so compute, roughly halves on tweets; the examples seen are the same.
-        optimizer: Only ``"adamw"``.
+        optimizer: ``"adamw"``, or ``"adamr"`` (DAREx-L2: :class:`deltakit.adamr.AdamR`, Deng et al. 2025).
         schedule: Only ``"linear"`` (warm-up then linear decay to zero).
     """
 
@@ -78,7 +80,9 @@ class Recipe:
             ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
             ("max_length", self.max_length, self.max_length >= 8, ">= 8"),
             ("warmup_fraction", self.warmup_fraction, 0.0 <= self.warmup_fraction < 1.0, "[0, 1)"),
-            ("weight_decay", self.weight_decay, 0.0 <= self.weight_decay < 1.0, "[0, 1)"),
+            ("weight_decay", self.weight_decay,
+             0.0 <= self.weight_decay <= 100.0 if self.optimizer == "adamr" else 0.0 <= self.weight_decay < 1.0,
+             "[0, 100] for adamr, [0, 1) for adamw"),
             ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0.0, "> 0"),
             ("seed", self.seed, self.seed >= 0, ">= 0"),
         ]
@@ -207,17 +211,25 @@ def _run(
     desc: str,
     history: list[float] | None,
 ) -> None:
-    """The optimisation loop: ``recipe.steps`` AdamW steps on the loss the model returns for each batch."""
+    """The optimisation loop: ``recipe.steps`` AdamW (or AdamR) steps on the loss the model returns for each batch."""
     from transformers import get_linear_schedule_with_warmup
 
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(parameter)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.learning_rate,
-    )
+    if recipe.optimizer == "adamr":
+        from deltakit.adamr import AdamR
+
+        # The model starts at the pre-trained weights (plus a fresh head): those are the θ_pre AdamR pulls toward.
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        pre = [None if "classifier" in n else p.detach().clone() for n, p in named]
+        optimizer = AdamR([p for _, p in named], pre, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    else:
+        decay, no_decay = [], []
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=recipe.learning_rate,
+        )
     scheduler = get_linear_schedule_with_warmup(optimizer, recipe.warmup_steps, recipe.steps)
     model.train()
     bar = tqdm(total=recipe.steps, desc=desc, disable=not progress, leave=False, unit="step")

@@ -228,3 +228,13 @@ def test_bad_pre_params_raise():
         AdamR([a, b], [torch.zeros(2, 3)])
     with pytest.raises(ValueError, match=r"pre_params\[0\] is a list"):
         AdamR([a, b], [[0.0], None])
+
+
+def test_family_recipe_accepts_adamr_strength_but_not_for_adamw():
+    from deltakit.families import Recipe
+
+    assert Recipe(learning_rate=5e-5, steps=10, optimizer="adamr", weight_decay=5.0).weight_decay == 5.0
+    with pytest.raises(ValueError, match="weight_decay"):
+        Recipe(learning_rate=5e-5, steps=10, weight_decay=5.0)
+    with pytest.raises(ValueError, match="optimizer"):
+        Recipe(learning_rate=5e-5, steps=10, optimizer="sgd")
