@@ -196,8 +196,8 @@ FAMILIES: dict[str, Family] = {
                 MemberSpec(
                     "sentiment3-adamr",
                     "sentiment3",
-                    Recipe(learning_rate=5e-5, steps=200, optimizer="adamr", weight_decay=1.0),
-                    f"{_SENTIMENT3}, trained with AdamR-L2 (DAREx-L2, lambda=1): the delta is pulled toward zero, "
+                    Recipe(learning_rate=5e-5, steps=200, optimizer="adamr", weight_decay=0.1),
+                    f"{_SENTIMENT3}, trained with AdamR-L2 (DAREx-L2, lambda=0.1): the delta is pulled toward zero, "
                     "so that DARE can drop more of it.",
                 ),
             ),
