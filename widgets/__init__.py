@@ -1,1 +1,22 @@
-"""deltakit.widgets: ipywidgets UIs over the library (thin shells; the logic lives in deltakit)."""
+"""deltakit.widgets: ipywidgets UIs over the library (thin shells; the logic lives in deltakit).
+
+- :class:`ModelPicker`: a base and a fine-tune (id + optional revision), "find fine-tunes of this base", resolution
+  and pairing errors shown in place.
+- :class:`StatsDashboard`: compute or load delta statistics; a table, the |delta| histogram, the layer x module-kind
+  heatmap and the cross-fine-tune similarity matrix, with fine-tune / module-kind / layer selectors.
+- :class:`SweepPanel`: methods from the registry, rates, seeds, evaluation data, Run / Cancel; the metric-versus-rate
+  curve grows point by point while the sweep runs in a worker thread.
+
+Each is an ``ipywidgets.VBox``: display it as a cell's last expression. Long work runs in a worker thread; pass
+``blocking=True`` to ``find`` / ``resolve`` / ``compute`` / ``load`` / ``run`` (or call ``widget.job.join()``) to wait.
+This package lives in the repository's top-level ``widgets/`` folder and is installed as ``deltakit.widgets``
+(``pip install "deltakit[widgets]"``).
+"""
+
+from __future__ import annotations
+
+from deltakit.widgets.picker import ModelPicker
+from deltakit.widgets.stats import StatsDashboard
+from deltakit.widgets.sweep import SweepPanel
+
+__all__ = ["ModelPicker", "StatsDashboard", "SweepPanel"]

@@ -1,0 +1,248 @@
+"""SweepPanel: prune a fine-tune over methods x rates x seeds and watch the metric-versus-rate curve grow.
+
+A thin shell over :func:`deltakit.sweep.sweep` (run in a worker thread, cancellable between points, resumable
+from its results store) and :func:`deltakit.plots.metric_curves` (redraws into the panel's ``go.FigureWidget``
+inside ``batch_update()`` after every point). The method list is read from the registry
+(:func:`deltakit.methods.available_methods`) and the DAREx-q strategies (:data:`deltakit.darex_search.STRATEGIES`),
+so a newly registered method appears here without touching this file.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import ipywidgets as w
+import pandas as pd
+import plotly.graph_objects as go
+
+from deltakit import plots
+from deltakit.darex_search import STRATEGIES
+from deltakit.methods import available_methods, get_method
+from deltakit.sweep import MethodSpec, ResultStore, normalise_rates, sweep
+from deltakit.widgets._common import BackgroundJob, parse_numbers, report_error
+
+__all__ = ["SweepPanel", "method_options"]
+
+
+def method_options() -> list[tuple[str, str]]:
+    """(label, name) for every registry method that runs without extra parameters, then the DAREx-q strategies.
+
+    Methods with a required parameter (``darex_q`` needs ``q``) are typed in the "with parameters" field instead,
+    as ``NAME:KEY=VALUE`` (e.g. ``darex_q:q=0.3``).
+    """
+    out = []
+    for name in available_methods():
+        info = get_method(name)
+        if all(p.default is not p.empty for p in info.params.values()):
+            out.append((f"{info.pretty_name} ({name})", name))
+    for name in STRATEGIES:
+        out.append((f"DAREx-q search: {name.removeprefix('darex_q_')} ({name})", name))
+    return out
+
+
+class SweepPanel(w.VBox):
+    """Sweep controls, Run and Cancel, a progress bar, the live curve, and an Output area for errors.
+
+    Each finished point appends its rows to ``results`` and redraws ``figure`` (a ``go.FigureWidget``) with
+    :func:`deltakit.plots.metric_curves`. The sweep runs in a worker thread that only updates widget values and
+    figure data, so the kernel stays responsive and Cancel takes effect after the point in flight. With a results
+    folder the sweep is resumable: stored points are drawn at once and not recomputed.
+
+    Args:
+        base / fine_tune: model references.
+        methods: methods selected initially (registry names or DAREx-q strategies).
+        rates / seeds: the grid (rates = fractions of delta entries dropped).
+        task: evaluation data (``glue/TASK``, a dataset id, a parquet file); blank = the fine-tune's own data.
+        split: evaluation split. eval_limit: at most this many examples (0 = all).
+        out: results folder (resumable); blank keeps results in memory only.
+        metric: the metric on the y axis.
+        evaluator: a ``model -> {metric: value}`` callable that replaces task/split/eval_limit.
+        picker: a :class:`~deltakit.widgets.ModelPicker` whose references the fields follow (overrides
+            ``base`` and ``fine_tune``).
+        sweep_options: further keyword arguments for :func:`deltakit.sweep.sweep` (e.g. ``search_limit=64``).
+    """
+
+    def __init__(self, base: str = "", fine_tune: str = "", *, methods: Sequence[str] = ("dare",),
+                 rates: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99), seeds: Sequence[int] = (0, 1),
+                 task: str = "", split: str = "test", eval_limit: int = 200, out: str | Path = "",
+                 metric: str = "accuracy", evaluator: Callable | None = None, picker=None,
+                 sweep_options: dict | None = None) -> None:
+        self.evaluator = evaluator
+        self.sweep_options = dict(sweep_options or {})
+        self.results = pd.DataFrame()
+        self.job = BackgroundJob("sweep-panel")
+        self._draw_lock = threading.Lock()
+        self._redrawing = False
+
+        options = method_options()
+        names = [n for _, n in options]
+        self.base = w.Text(value=base, description="base", layout=w.Layout(width="36em"))
+        self.fine_tune = w.Text(value=fine_tune, description="fine-tune", layout=w.Layout(width="36em"))
+        self.methods = w.SelectMultiple(options=options, value=[m for m in methods if m in names],
+                                        rows=min(len(options), 8), description="methods",
+                                        layout=w.Layout(width="36em"))
+        self.method_specs = w.Text(value=" ".join(m for m in methods if m not in names),
+                                   description="with params", placeholder="e.g. darex_q:q=0.3 darex_q:q=0.5",
+                                   layout=w.Layout(width="36em"))
+        self.rates = w.Text(value=", ".join(f"{r:g}" for r in rates), description="rates",
+                            layout=w.Layout(width="36em"))
+        self.seeds = w.Text(value=", ".join(str(s) for s in seeds), description="seeds")
+        self.task = w.Text(value=task, description="task", placeholder="blank: the fine-tune's own data")
+        self.split = w.Dropdown(options=["test", "validation", "train"], value=split, description="split")
+        self.eval_limit = w.BoundedIntText(value=eval_limit, min=0, max=10**9, description="examples",
+                                           tooltip="0 = the whole split")
+        if evaluator is not None:
+            for field in (self.task, self.split, self.eval_limit):
+                field.disabled = True
+        self.out = w.Text(value=str(out), description="results dir", placeholder="blank: keep in memory only",
+                          layout=w.Layout(width="36em"))
+        self.metric = w.Dropdown(options=[metric], value=metric, description="metric")
+        self.log_rate = w.Checkbox(value=False, description="log axis (kept fraction)")
+        self.run_button = w.Button(description="Run", icon="play", button_style="primary")
+        self.cancel_button = w.Button(description="Cancel", icon="stop", disabled=True)
+        self.progress = w.IntProgress(value=0, min=0, max=1, description="points")
+        self.status = w.Label("")
+        # Fixed ranges until the first point: an empty autoranged figure shows meaningless axes (-1..6).
+        self.figure = go.FigureWidget(layout=dict(
+            height=420, template="plotly_white", title="press Run to start the sweep",
+            xaxis=dict(title="pruning rate (fraction of delta dropped)", range=[0, 1]),
+            yaxis=dict(title=metric, range=[0, 1])))
+        self.output = w.Output()
+
+        if picker is not None:
+            w.dlink((picker, "base_ref"), (self.base, "value"))
+            w.dlink((picker, "fine_tune_ref"), (self.fine_tune, "value"))
+        self.run_button.on_click(lambda _: self.run())
+        self.cancel_button.on_click(lambda _: self.cancel())
+        self.metric.observe(lambda _: self._redraw(), names="value")
+        self.log_rate.observe(lambda _: self._redraw(), names="value")
+
+        super().__init__([
+            self.base, self.fine_tune, self.methods, self.method_specs, self.rates,
+            w.HBox([self.seeds, self.metric]), w.HBox([self.task, self.split, self.eval_limit]), self.out,
+            w.HBox([self.run_button, self.cancel_button, self.progress, self.status]),
+            w.HBox([self.log_rate]), self.figure, self.output,
+        ])
+        self.add_class("deltakit-sweep-panel")
+        for widget, name in ((self.status, "status"), (self.run_button, "run"), (self.cancel_button, "cancel")):
+            widget.add_class(f"deltakit-{name}")  # stable hooks for browser tests and custom CSS
+        if str(out).strip():
+            self.show(ResultStore(out).frame())
+
+    # --- actions --------------------------------------------------------------------------------------------
+    def run(self, *, blocking: bool = False) -> None:
+        """Start the sweep the controls describe (rows already in the results folder are not recomputed).
+
+        Args:
+            blocking: wait for the sweep to finish (it runs in a worker thread).
+        """
+        if self.job.running:
+            self.status.value = "a sweep is running: wait for it or press Cancel first."
+            return
+        try:
+            specs = [*self.methods.value, *self.method_specs.value.split()]
+            if not specs:
+                raise ValueError("methods: select at least one method (or type one under 'with params').")
+            rates = normalise_rates(parse_numbers(self.rates.value, float, "rates"))
+            seeds = parse_numbers(self.seeds.value, int, "seeds")
+            base, ft = self.base.value.strip(), self.fine_tune.value.strip()
+            if not base or not ft:
+                raise ValueError("type a base and a fine-tune model reference.")
+            total = _count_points([MethodSpec.parse(s) for s in specs], rates, seeds)
+        except (ValueError, KeyError) as err:
+            self.status.value = "not started: " + report_error(self.output, err)
+            return
+        out = self.out.value.strip() or None
+        kwargs = dict(self.sweep_options)
+        if self.evaluator is not None:
+            kwargs["evaluator"] = self.evaluator
+        else:
+            kwargs.update(task=self.task.value.strip() or None, split=self.split.value,
+                          eval_limit=self.eval_limit.value or None)
+        stored = ResultStore(out).frame() if out else pd.DataFrame()
+        self.show(stored)
+        self.progress.value, self.progress.max = 0, total
+        reuse = " (stored points are reused)" if len(stored) else ""
+        self.status.value = f"loading models; {total} points to run{reuse}"
+        self.run_button.disabled, self.cancel_button.disabled = True, False
+        new_points = [0]
+
+        def on_point(rows: list[dict]) -> None:
+            new_points[0] += 1
+            self.results = pd.concat([self.results, pd.DataFrame(rows)], ignore_index=True)
+            self.progress.value = min(self.progress.value + 1, total)
+            for r in rows:
+                if r.get("status") == "failed":
+                    self.output.append_stderr(f"{r['label']} rate {r['rate']:g} seed {r['seed']}: {r['error']}\n")
+            last = rows[0]
+            self.status.value = (f"{new_points[0]} new point(s); last: {last['label']} rate {last['rate']:g} "
+                                 f"seed {last['seed']} ({last['status']})")
+            try:
+                self._redraw()
+            except Exception as err:  # a drawing problem must not abort the sweep: its rows are still stored
+                report_error(self.output, err)
+
+        def work(cancel: threading.Event) -> None:
+            try:
+                frame = sweep(base, ft, methods=specs, rates=rates, seeds=seeds, out=out, progress=False,
+                              cancel=cancel, on_point=on_point, **kwargs)
+                self.show(frame)
+                self.progress.value = total if not cancel.is_set() else self.progress.value
+                verb = "cancelled" if cancel.is_set() else "done"
+                self.status.value = f"{verb}: {new_points[0]} new point(s), {_n_points(frame)} point(s) shown"
+            except Exception as err:
+                self.status.value = "failed: " + report_error(self.output, err)
+            finally:
+                self.run_button.disabled, self.cancel_button.disabled = False, True
+
+        self.job.start(work, blocking=blocking)
+
+    def cancel(self) -> None:
+        """Stop after the point in flight (the rows finished so far are kept, and stored when a folder is set)."""
+        self.job.cancel.set()
+        self.cancel_button.disabled = True
+        self.status.value = "cancelling after the current point ..."
+
+    def show(self, results: pd.DataFrame) -> None:
+        """Show sweep rows (e.g. a stored results folder) in the figure, and offer their metrics."""
+        self.results = results.reset_index(drop=True)
+        self._redraw()
+
+    # --- drawing --------------------------------------------------------------------------------------------
+    def _redraw(self) -> None:
+        if self._redrawing:  # setting the metric options below fires this observer again
+            return
+        with self._draw_lock:  # the worker (after each point) and the metric / axis controls both redraw
+            r = self.results
+            if r.empty or "metric" not in r:
+                return
+            metrics = sorted(r.loc[r["status"] == "ok", "metric"].dropna().unique())
+            if not metrics:
+                return  # no finished point yet (e.g. only failures so far)
+            if list(self.metric.options) != metrics:
+                current = self.metric.value
+                self._redrawing = True
+                try:
+                    self.metric.options = metrics
+                    self.metric.value = current if current in metrics else metrics[0]
+                finally:
+                    self._redrawing = False
+            with self.figure.batch_update():  # back to autorange (metric_curves reverses the log axis itself)
+                self.figure.layout.xaxis.autorange = True
+                self.figure.layout.yaxis.autorange = True
+            plots.metric_curves(r, self.metric.value, figure=self.figure, log_rate=self.log_rate.value)
+
+
+def _n_points(results: pd.DataFrame) -> int:
+    return 0 if results.empty else int(results.drop_duplicates(["label", "rate", "seed"]).shape[0])
+
+
+def _count_points(specs: list[MethodSpec], rates: list[float], seeds: list[int]) -> int:
+    """Points of a sweep with reference rows: random methods and DAREx-q strategies run every seed."""
+    n = 2  # the "finetuned" and "base" reference rows
+    for spec in specs:
+        random = spec.name in STRATEGIES or get_method(spec.name).random  # KeyError names the registered methods
+        n += len(rates) * (len(seeds) if random else 1)
+    return n
