@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="the main job: statistics, sweeps and an HTML report on the embedded family")
     de.add_argument("--out", default="deltakit-demo", help="output folder (index.html, results.parquet)")
     de.add_argument("--family", default="minilm-tweets", help="embedded family (tiny: a seconds-long smoke run)")
-    de.add_argument("--limit", type=int, default=600, help="test examples per evaluation (default 600)")
+    de.add_argument("--limit", type=int, default=400, help="test examples per evaluation (default 400)")
     de.set_defaults(func=_cmd_demo)
     return parser
 
