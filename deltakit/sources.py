@@ -145,7 +145,9 @@ def _hub_snapshot(ref: str, allow_pickle: bool) -> Snapshot:
             f"{ref!r} is not in the local cache and {mode}: connect once (or unset HF_HUB_OFFLINE) to download it, "
             "or pass a local directory."
         ) from err
-    except OSError as err:  # connection errors surface as OSError subclasses in huggingface_hub
+    except Exception as err:  # connection errors: OSError subclasses, or httpx's ConnectError / TimeoutException
+        if not isinstance(err, OSError) and not any(w in type(err).__name__ for w in ("Connect", "Timeout", "Network")):
+            raise
         raise SourceError(
             f"could not download {ref!r} from {constants.ENDPOINT} ({type(err).__name__}: {err}). Check the network, "
             "or set HF_HUB_OFFLINE=1 to use the cache."

@@ -408,9 +408,11 @@ def sweep(
 
     rows_out: list[dict] = [r for r in (store.rows() if store else []) if r["key"] in done]
     bar = tqdm(total=len(points), desc="sweep", unit="point", disable=not progress)
+    keys = [_key(dict(common, method=s.name, params=s.params, rate=r, seed=sd)) for s, r, sd in points]
+    # The store may hold other sweeps' points too: return only this sweep's.
+    rows_out = [r for r in rows_out if r["key"] in set(keys)]
     try:
-        for spec, rate, seed in points:
-            key = _key(dict(common, method=spec.name, params=spec.params, rate=rate, seed=seed))
+        for (spec, rate, seed), key in zip(points, keys):
             if key in done:
                 bar.update(1)
                 continue

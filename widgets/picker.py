@@ -74,7 +74,7 @@ class ModelPicker(w.VBox):
                                          placeholder="optional: branch, tag, sha", layout=w.Layout(width="20em"))
         self.fine_tune_error = w.HTML()
         self.find_button = w.Button(description="Find fine-tunes of this base", icon="search",
-                                    layout=w.Layout(width="16em"))
+                                    layout=w.Layout(width="20em"))
         self.candidates = w.Select(options=[], rows=5, description="found", layout=w.Layout(width="48em"))
         self.search_note = w.HTML()
         self.resolve_button = w.Button(description="Resolve", icon="check", button_style="primary")

@@ -83,8 +83,8 @@ class SweepPanel(w.VBox):
         self.methods = w.SelectMultiple(options=options, value=[m for m in methods if m in names],
                                         rows=min(len(options), 8), description="methods",
                                         layout=w.Layout(width="36em"))
-        self.method_specs = w.Text(value=" ".join(m for m in methods if m not in names),
-                                   description="with params", placeholder="e.g. darex_q:q=0.3 darex_q:q=0.5",
+        self.method_specs = w.Text(value=" ".join(m for m in methods if m not in names), description="+ methods",
+                                   placeholder="with parameters, NAME:KEY=VALUE: e.g. darex_q:q=0.3 darex_q:q=0.5",
                                    layout=w.Layout(width="36em"))
         self.rates = w.Text(value=", ".join(f"{r:g}" for r in rates), description="rates",
                             layout=w.Layout(width="36em"))
@@ -144,7 +144,7 @@ class SweepPanel(w.VBox):
         try:
             specs = [*self.methods.value, *self.method_specs.value.split()]
             if not specs:
-                raise ValueError("methods: select at least one method (or type one under 'with params').")
+                raise ValueError("methods: select at least one method (or type one under '+ methods').")
             rates = normalise_rates(parse_numbers(self.rates.value, float, "rates"))
             seeds = parse_numbers(self.seeds.value, int, "seeds")
             base, ft = self.base.value.strip(), self.fine_tune.value.strip()
