@@ -15,8 +15,8 @@ def test_stats_by_repo_id_match_local_folders(published, tiny, hf_home):
     a = by_id.overall.set_index("model")["mean_abs"].to_numpy()
     b = local.overall.set_index("model")["mean_abs"].to_numpy()
     assert a.tolist() == b.tolist()
-    # The hot member's deltas are clearly larger (lr 1e-3 vs 5e-5).
-    assert a[1] > 3 * a[0]
+    # The hot member's deltas are clearly larger (tiny: 2.5x the learning rate, ~2.4x the mean |delta|).
+    assert a[1] > 1.5 * a[0]
     assert by_id.meta["base_commit"] is not None and len(by_id.meta["base_commit"]) == 40
 
 
@@ -42,7 +42,7 @@ def test_revision_pinning(local_hub, published, tiny, hf_home):
     assert resolve(f"{repo}@v1").commit == first
     old = delta_stats(published["base"], [f"{repo}@v1"], progress=False).overall["mean_abs"].iloc[0]
     new = delta_stats(published["base"], [repo], progress=False).overall["mean_abs"].iloc[0]
-    assert new > 3 * old
+    assert new > 1.5 * old
 
 
 def test_missing_repo_revision_and_weights(local_hub, published, hf_home):
