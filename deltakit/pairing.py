@@ -18,6 +18,7 @@ user include/exclude regexes. Excluded tensors keep their fine-tuned values bit 
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -115,10 +116,7 @@ class TensorPair:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)

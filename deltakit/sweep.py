@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from deltakit.darex_search import SearchContext
+from deltakit.darex_search import STRATEGIES, SearchContext
 from deltakit.pairing import pair_models
 from deltakit.sources import Snapshot, resolve
 from deltakit.tensors import TensorReader
@@ -374,7 +374,7 @@ def sweep(
     if not seeds:
         raise ValueError("no seeds given: pass e.g. seeds=[0, 1].")
     specs = [MethodSpec.parse(m) for m in methods]
-    strategies = _strategies()
+    strategies = STRATEGIES
     for s in specs:
         if s.name not in strategies:
             get_method(s.name)  # KeyError listing the registered methods
@@ -434,12 +434,6 @@ def sweep(
         if store:
             store.write_parquet()
     return pd.DataFrame(rows_out)
-
-
-def _strategies() -> dict[str, Any]:
-    from deltakit.darex_search import STRATEGIES
-
-    return STRATEGIES
 
 
 def _train_texts(fine_tune: Snapshot, task: str | None, n: int = 64) -> list[str]:

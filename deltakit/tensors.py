@@ -15,6 +15,7 @@ file stay resident (and count in RSS) once touched, so mapping a 14 GB checkpoin
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +56,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def is_float(self) -> bool:
