@@ -87,15 +87,17 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return json.loads(config.read_text()) if config.exists() else {}
 
 
-def _check_weights(path: Path, ref: str, allow_pickle: bool) -> None:
+def _check_weights(path: Path, ref: str, allow_pickle: bool, pickles: list[str] | None = None) -> None:
+    """Refuse a snapshot without usable weights; ``pickles`` lists pickle files known to exist remotely."""
     has_st = any(path.glob("*.safetensors"))
-    has_pickle = any(path.glob("pytorch_model*.bin"))
-    if has_st or (allow_pickle and has_pickle):
+    local_pickles = [p.name for p in path.glob("pytorch_model*.bin")]
+    if has_st or (allow_pickle and local_pickles):
         return
-    if has_pickle:
+    if pickles or local_pickles:
         raise SourceError(
-            f"{ref!r} has only pickled weights (pytorch_model*.bin). deltakit reads safetensors by default because "
-            "a pickle can run code when loaded; if you trust this model pass allow_pickle=True (CLI: --allow-pickle)."
+            f"{ref!r} has only pickled weights ({pickles or local_pickles}). deltakit reads safetensors by default "
+            "because a pickle can run code when loaded; if you trust this model pass allow_pickle=True "
+            "(CLI: --allow-pickle)."
         )
     raise SourceError(f"{ref!r} has no safetensors weights in {path}: expected model.safetensors or a sharded index.")
 
@@ -152,16 +154,11 @@ def _hub_snapshot(ref: str, allow_pickle: bool) -> Snapshot:
             f"could not download {ref!r} from {constants.ENDPOINT} ({type(err).__name__}: {err}). Check the network, "
             "or set HF_HUB_OFFLINE=1 to use the cache."
         ) from err
+    pickles = None
     if not any(path.glob("*.safetensors")) and not allow_pickle and not constants.HF_HUB_OFFLINE:
         # Say precisely why nothing came: the repo may hold only pickles, which the patterns skipped.
-        files = HfApi().list_repo_files(repo_id, revision=path.name)
-        if any(f.endswith(".bin") for f in files):
-            raise SourceError(
-                f"{ref!r} has only pickled weights ({[f for f in files if f.endswith('.bin')]}). deltakit reads "
-                "safetensors by default because a pickle can run code when loaded; if you trust this model pass "
-                "allow_pickle=True (CLI: --allow-pickle)."
-            )
-    _check_weights(path, ref, allow_pickle)
+        pickles = [f for f in HfApi().list_repo_files(repo_id, revision=path.name) if f.endswith(".bin")]
+    _check_weights(path, ref, allow_pickle, pickles)
     return Snapshot(ref, path, "hub", repo_id, path.name, _read_config(path), read_card(path))
 
 

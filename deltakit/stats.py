@@ -377,6 +377,7 @@ def delta_stats(
 
     rows: list[dict] = []
     parts: dict[tuple[str, str, object], Partials] = {}
+    n_tensors: dict[tuple[str, str, object], int] = {}
     hist_rows: dict[tuple[str, str], np.ndarray] = {}
     sims: dict[tuple[int, int], _PairStats] = {}
     sim_rows: list[dict] = []
@@ -396,6 +397,7 @@ def delta_stats(
             for key in ((labels[i], "layer", -1 if p.layer is None else p.layer), (labels[i], "kind", p.kind),
                         (labels[i], "all", "all")):
                 parts[key] = parts.get(key, Partials()) + part
+                n_tensors[key] = n_tensors.get(key, 0) + 1
             if len(entries) > 1:
                 deltas[i] = ft_t.to(torch.float32) - b.to(torch.float32)
         for (i, da), (j, db) in itertools.combinations(sorted(deltas.items()), 2):
@@ -408,8 +410,8 @@ def delta_stats(
         out = []
         for (model, s, value), part in parts.items():
             if s == scope:
-                n_t = sum(1 for r in rows if r["model"] == model and (scope == "all" or r[col] == value))
-                out.append({"model": model, **({col: value} if col else {}), "n_tensors": n_t, **part.summary()})
+                out.append({"model": model, **({col: value} if col else {}),
+                            "n_tensors": n_tensors[(model, s, value)], **part.summary()})
         return pd.DataFrame(out)
 
     for (model, s, value), part in parts.items():

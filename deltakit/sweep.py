@@ -410,7 +410,8 @@ def sweep(
     bar = tqdm(total=len(points), desc="sweep", unit="point", disable=not progress)
     keys = [_key(dict(common, method=s.name, params=s.params, rate=r, seed=sd)) for s, r, sd in points]
     # The store may hold other sweeps' points too: return only this sweep's.
-    rows_out = [r for r in rows_out if r["key"] in set(keys)]
+    own = set(keys)
+    rows_out = [r for r in rows_out if r["key"] in own]
     try:
         for (spec, rate, seed), key in zip(points, keys):
             if key in done:
