@@ -6,7 +6,6 @@ return, so a plot can always be re-drawn from saved parquet files.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -92,7 +91,7 @@ def metric_curves(results: pd.DataFrame, metric: str = "accuracy", *, interval: 
         for _, r in refs.iterrows():  # horizontal reference lines as traces: they update with the data
             traces.append(go.Scatter(x=span, y=[r["mean"], r["mean"]], mode="lines", name=f"{r['method']} ({r['mean']:.3f})",
                                      line=dict(dash="dash", color="#444" if r["method"] == "finetuned" else "#aaa")))
-    with fig.batch_update() if hasattr(fig, "batch_update") else contextlib.nullcontext():
+    with fig.batch_update():  # one update message for a FigureWidget
         fig.data = ()
         for t in traces:
             fig.add_trace(t)

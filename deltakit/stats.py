@@ -252,7 +252,7 @@ class DeltaStats:
         for name in self.FRAMES:
             getattr(self, name).to_parquet(out / f"{name}.parquet", index=False)
         (out / "summary.txt").write_text(self.summary() + "\n")
-        (out / "summary.json").write_text(json.dumps(self.to_json(), indent=2, default=_json_default) + "\n")
+        (out / "summary.json").write_text(json.dumps(self.to_json(), indent=2, default=json_default) + "\n")
         return out
 
     @classmethod
@@ -297,11 +297,12 @@ class DeltaStats:
         return "\n".join(lines)
 
 
-def _json_default(o: object) -> object:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
+def json_default(o: object) -> object:
+    """``json.dumps(default=...)`` for results: tensors become lists, NumPy/torch scalars numbers, the rest text."""
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
     return str(o)
 
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from deltakit.darex_search import STRATEGIES, SearchContext
 from deltakit.pairing import pair_models
 from deltakit.sources import Snapshot, resolve
+from deltakit.stats import json_default
 from deltakit.tensors import TensorReader
 
 __all__ = ["MethodSpec", "ResidentModel", "ResultStore", "sweep", "normalise_rates"]
@@ -130,7 +131,7 @@ class ResultStore:
 
     def append(self, rows: list[dict]) -> None:
         """Append the rows of one point durably (one write, flushed and fsynced)."""
-        text = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows)
+        text = "".join(json.dumps(r, default=json_default) + "\n" for r in rows)
         with self._lock:
             if self.path.exists() and self.path.stat().st_size:
                 with self.path.open("rb") as fh:  # a killed writer may have left a partial line: end it first
@@ -152,14 +153,6 @@ class ResultStore:
             df["params"] = df["params"].astype(str)
         df.to_parquet(out, index=False)
         return out
-
-
-def _json_default(o: object) -> object:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
 
 
 @dataclass
