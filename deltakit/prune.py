@@ -164,11 +164,13 @@ def check_finite_delta(base: Tensor, ft: Tensor, name: str) -> None:
 
 def _fused_torch_blocked(dst: Tensor, base: Tensor, ft: Tensor, *, key: int, rate: float, plan: RandomPlan,
                          u: Tensor | None) -> None:
-    """``fused_apply_torch`` over blocks of whole rows, in worker threads.
+    """``fused_apply_torch`` over blocks of whole rows.
 
     Bit-identical to one ``fused_apply_torch`` call on the whole tensor (element-wise maths; each block gets the
-    uniform numbers at its own global indices), but the fp32 temporaries of a block stay in cache and the NumPy
-    Philox of different blocks runs on different cores (NumPy and torch release the GIL).
+    uniform numbers at its own global indices), but the fp32 temporaries of a block stay in cache. When the numbers
+    must be made, blocks run in worker threads so the NumPy Philox of different blocks runs on different cores
+    (NumPy and torch release the GIL); when they are given (a sweep's cache), blocks run in turn and torch's
+    intra-op threads share each one.
     """
     n = dst.numel()
     n_rows, n_cols = masks.matrix_shape(dst.shape)
@@ -193,7 +195,7 @@ def _fused_torch_blocked(dst: Tensor, base: Tensor, ft: Tensor, *, key: int, rat
         r1 = min(n_rows, r0 + rows_per_block)
         if plan.axis == "element":
             lo, hi = r0 * n_cols, r1 * n_cols
-            block_u = u[lo:hi] if u is not None else masks.uniform(key, hi - lo, offset=lo)
+            block_u = u[lo:hi] if u is not None else masks.uniform(key, hi - lo, offset=lo, threads=1)
         elif plan.axis == "row":
             block_u = u[r0:r1]
         else:
@@ -209,6 +211,11 @@ def _fused_torch_blocked(dst: Tensor, base: Tensor, ft: Tensor, *, key: int, rat
             u=block_u,
         )
 
+    blocks = range(0, n_rows, rows_per_block)
+    if u is not None:  # nothing to generate: torch's own threads split each block's ops (measured faster)
+        for r0 in blocks:
+            run(r0)
+        return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltakit-apply") as pool:
-        for future in [pool.submit(run, r0) for r0 in range(0, n_rows, rows_per_block)]:
+        for future in [pool.submit(run, r0) for r0 in blocks]:
             future.result()  # re-raises a worker's exception

@@ -185,8 +185,10 @@ def fused_apply_torch(
     t = ft32 - base32  # d; a fresh tensor, so the in-place steps below touch no input
     t.mul_(scale32)  # d * scale
     t.add_(base32)  # base + d * scale (IEEE addition is commutative: same bits as base32 + t)
-    out = torch.where(keep, t, base32)  # (rows, cols) fp32
-    dst.copy_(out.view(dst.shape))  # the single cast to dst's dtype (round to nearest even)
+    if dst.dtype == torch.float32 and dst.is_contiguous():
+        torch.where(keep, t, base32, out=dst.view(n_rows, n_cols))  # no cast: write in place (dst may alias an input)
+    else:
+        dst.copy_(torch.where(keep, t, base32).view(dst.shape))  # the single cast to dst's dtype (nearest even)
     return dst
 
 

@@ -99,6 +99,13 @@ def test_uniform_windows_agree_across_chunk_boundaries():
         assert torch.equal(_bits(masks.uniform(key, n, offset=start)), _bits(full[start : start + n]))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_uniform_threads_do_not_change_the_numbers(threads):
+    key, offset, n = 4242, 6, 5 * 2**17 + 3  # several chunks, an offset inside a counter, a partial last chunk
+    one = masks.uniform(key, n, offset=offset, threads=1)
+    assert torch.equal(_bits(masks.uniform(key, n, offset=offset, threads=threads)), _bits(one))
+
+
 def test_uniform_range_and_moments():
     u = masks.uniform(masks.tensor_key(0, "w"), 400_000)
     assert u.dtype == torch.float32 and u.shape == (400_000,)

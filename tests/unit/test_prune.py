@@ -131,6 +131,19 @@ def test_dst_can_be_a_parameter_of_another_dtype_or_ft_itself():
         assert torch.equal(ft_copy, expected)
 
 
+def test_fp32_in_place_over_base_or_ft_with_cached_uniforms(monkeypatch):
+    """A sweep's case: fp32 live tensors, several blocks, cached numbers; dst may be base or ft itself."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    base, ft = make_pair((3, _BLOCK // 2 + 5), torch.float32, delta_scale=1e-3)
+    expected = reference("dare", base, ft, 0.7, seed=2)
+    u = masks.uniform(masks.tensor_key(2, NAME), base.numel())
+    for over in ("base", "ft", None):
+        b, f = base.clone(), ft.clone()
+        dst = {"base": b, "ft": f, None: torch.empty_like(base)}[over]
+        apply_method(dst, b, f, method="dare", rate=0.7, seed=2, name=NAME, backend="torch", u=u)
+        assert torch.equal(dst, expected), over
+
+
 def test_inputs_are_untouched():
     base, ft = make_pair()
     b0, f0 = base.clone(), ft.clone()
