@@ -41,7 +41,7 @@ from deltakit.sources import Snapshot, resolve
 from deltakit.stats import json_default
 from deltakit.tensors import TensorReader
 
-__all__ = ["MethodSpec", "ResidentModel", "ResultStore", "sweep", "normalise_rates"]
+__all__ = ["MethodSpec", "ResidentModel", "ResultStore", "sweep", "plan_points", "normalise_rates"]
 
 REFERENCE_METHODS = ("finetuned", "base")
 
@@ -307,6 +307,29 @@ def default_evaluator(fine_tune: Snapshot, tokenizer, *, task: str | None, split
     return ev
 
 
+def plan_points(methods: Sequence[str | MethodSpec], rates: Sequence[float], seeds: Sequence[int], *,
+                references: bool = True) -> list[tuple[MethodSpec, float, int]]:
+    """The (method, rate, seed) points of a sweep, in run order; deterministic methods run the first seed only.
+
+    Raises:
+        ValueError: bad rates (see :func:`normalise_rates`) or no seeds. KeyError: an unknown method.
+    """
+    from deltakit.methods import get_method
+
+    rates = normalise_rates(rates)
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("no seeds given: pass e.g. seeds=[0, 1].")
+    specs = [MethodSpec.parse(m) for m in methods]
+    points: list[tuple[MethodSpec, float, int]] = []
+    if references:
+        points += [(MethodSpec("finetuned"), 0.0, seeds[0]), (MethodSpec("base"), 1.0, seeds[0])]
+    for spec in specs:
+        random = spec.name in STRATEGIES or get_method(spec.name).random  # KeyError lists the registered methods
+        points += [(spec, rate, seed) for rate in rates for seed in (seeds if random else seeds[:1])]
+    return points
+
+
 def sweep(
     base: str | Snapshot,
     fine_tune: str | Snapshot,
@@ -361,16 +384,8 @@ def sweep(
     Raises:
         ValueError: bad rates, unknown method (KeyError), a model/task mismatch found before the first point.
     """
-    from deltakit.methods import get_method
-
-    rates = normalise_rates(rates)
-    if not seeds:
-        raise ValueError("no seeds given: pass e.g. seeds=[0, 1].")
-    specs = [MethodSpec.parse(m) for m in methods]
+    points = plan_points(methods, rates, seeds, references=references)
     strategies = STRATEGIES
-    for s in specs:
-        if s.name not in strategies:
-            get_method(s.name)  # KeyError listing the registered methods
     base_s = base if isinstance(base, Snapshot) else resolve(base)
     ft_s = fine_tune if isinstance(fine_tune, Snapshot) else resolve(fine_tune)
     rm = resident or ResidentModel(base_s, ft_s, preset=preset, include=include, exclude=exclude, device=device)
@@ -389,15 +404,6 @@ def sweep(
     common = dict(base=_snapshot_id(base_s), fine_tune=_snapshot_id(ft_s), preset=preset, include=list(include or []),
                   exclude=list(exclude or []), evaluator=getattr(ev, "fingerprint", getattr(ev, "__qualname__", repr(ev))))
     labels = dict(base=base_s.ref, fine_tune=ft_s.ref)
-
-    points: list[tuple[MethodSpec, float, int]] = []
-    if references:
-        points += [(MethodSpec("finetuned"), 0.0, seeds[0]), (MethodSpec("base"), 1.0, seeds[0])]
-    for spec in specs:
-        deterministic = spec.name not in strategies and not get_method(spec.name).random
-        for rate in rates:
-            for seed in seeds[:1] if deterministic else seeds:
-                points.append((spec, rate, seed))
 
     rows_out: list[dict] = [r for r in (store.rows() if store else []) if r["key"] in done]
     bar = tqdm(total=len(points), desc="sweep", unit="point", disable=not progress)

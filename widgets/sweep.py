@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 from deltakit import plots
 from deltakit.darex_search import STRATEGIES
 from deltakit.methods import available_methods, get_method
-from deltakit.sweep import MethodSpec, ResultStore, normalise_rates, sweep
+from deltakit.sweep import ResultStore, normalise_rates, plan_points, sweep
 from deltakit.widgets._common import BackgroundJob, parse_numbers, report_error
 
 __all__ = ["SweepPanel", "method_options"]
@@ -150,7 +150,7 @@ class SweepPanel(w.VBox):
             base, ft = self.base.value.strip(), self.fine_tune.value.strip()
             if not base or not ft:
                 raise ValueError("type a base and a fine-tune model reference.")
-            total = _count_points([MethodSpec.parse(s) for s in specs], rates, seeds)
+            total = len(plan_points(specs, rates, seeds, references=self.sweep_options.get("references", True)))
         except (ValueError, KeyError) as err:
             self.status.value = "not started: " + report_error(self.output, err)
             return
@@ -237,12 +237,3 @@ class SweepPanel(w.VBox):
 
 def _n_points(results: pd.DataFrame) -> int:
     return 0 if results.empty else int(results.drop_duplicates(["label", "rate", "seed"]).shape[0])
-
-
-def _count_points(specs: list[MethodSpec], rates: list[float], seeds: list[int]) -> int:
-    """Points of a sweep with reference rows: random methods and DAREx-q strategies run every seed."""
-    n = 2  # the "finetuned" and "base" reference rows
-    for spec in specs:
-        random = spec.name in STRATEGIES or get_method(spec.name).random  # KeyError names the registered methods
-        n += len(rates) * (len(seeds) if random else 1)
-    return n

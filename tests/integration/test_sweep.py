@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from deltakit.sweep import MethodSpec, ResidentModel, ResultStore, normalise_rates, sweep
+from deltakit.sweep import MethodSpec, ResidentModel, ResultStore, normalise_rates, plan_points, sweep
 
 BASE, FT = "family:tiny/base", "family:tiny/sentiment3"
 
@@ -47,6 +47,9 @@ def test_sweep_rows_are_tidy_and_references_present(tiny, tmp_path):
     assert acc[acc["method"] == "dare"]["q"].round(6).tolist() == [0.5, 0.5, 0.1, 0.1]
     stored = pd.read_parquet(tmp_path / "s" / "results.parquet")
     assert len(stored) == len(df)
+    # plan_points (what progress bars count) lists exactly the points run, strategies running every seed
+    assert len(plan_points(["dare", "magnitude"], [0.9, 0.5, 0.5], [0, 1])) == df["key"].nunique() == 8
+    assert len(plan_points(["darex_q_labelled"], [0.5], [0, 1, 2], references=False)) == 3
 
 
 def test_rate_one_equals_base_reference_and_rate_zero_the_finetune(tiny):
