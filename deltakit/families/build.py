@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -274,9 +274,8 @@ def _write_marker(folder: Path, fingerprint: str, seconds: float) -> None:
     (folder / MARKER).write_text(json.dumps({"fingerprint": fingerprint, "seconds": round(seconds, 3)}) + "\n")
 
 
-def _missing(family: Family, folder: Path) -> list[str]:
-    """Folders (data first, then members in build order) that are absent, incomplete or stale."""
-    names = [DATA_FOLDER, *family.members]
+def _missing(family: Family, folder: Path, names: Sequence[str]) -> list[str]:
+    """The folders of ``names`` (data first, then members in build order) that are absent, incomplete or stale."""
     return [n for n in names if not _is_complete(folder / n, _fingerprint(family, n))]
 
 
@@ -446,7 +445,8 @@ def _build_dataset(family: Family, final: Path) -> None:
         write_dataset(staging, family.data, dataset_id=family.dataset_id)
 
 
-def build_family(name: str, *, home: Path | None = None, force: bool = False, progress: bool = True) -> Path:
+def build_family(name: str, *, members: Sequence[str] | None = None, home: Path | None = None, force: bool = False,
+                 progress: bool = True) -> Path:
     """Build every missing member of a family (and its dataset); return the family folder.
 
     Idempotent: when every folder carries a ``.complete`` marker matching the registry, nothing is read or
@@ -454,27 +454,31 @@ def build_family(name: str, *, home: Path | None = None, force: bool = False, pr
 
     Args:
         name: A key of :data:`FAMILIES`.
+        members: Build only these members (the base and the dataset always come with them); default: all.
         home: deltakit home (default :func:`deltakit_home`).
-        force: Rebuild everything, even complete folders.
+        force: Rebuild everything asked for, even complete folders.
         progress: Show tqdm bars (one over members, one per training run).
 
     Returns:
         ``<home>/families/<name>``.
 
     Raises:
-        KeyError: If the family is unknown.
+        KeyError: If the family or a member is unknown.
         FileNotFoundError: If a source (corpus package, base checkpoint) is missing.
     """
     from filelock import FileLock
 
     family = get_family(name)
+    for member in members or ():
+        _check_member(family, member)
+    wanted = [DATA_FOLDER, *(m for m in family.members if members is None or m == family.base or m in members)]
     folder = family_path(name, home=home)
-    if not force and not _missing(family, folder):
+    if not force and not _missing(family, folder, wanted):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".lock")), _quiet_transformers(), torch_threads(family.threads):
         # Re-check under the lock: another process may have built it while this one waited.
-        todo = [DATA_FOLDER, *family.members] if force else _missing(family, folder)
+        todo = wanted if force else _missing(family, folder, wanted)
         if DATA_FOLDER in todo:
             _build_dataset(family, folder / DATA_FOLDER)
         members = [m for m in todo if m != DATA_FOLDER]
@@ -519,7 +523,7 @@ def member_path(family: str, member: str, *, home: Path | None = None, build: bo
     if not _is_complete(path, _fingerprint(spec, member)):
         if not build:
             raise _not_built(spec, f"Member {member!r}", path)
-        build_family(family, home=home)
+        build_family(family, members=[member], home=home)
     return path
 
 

@@ -189,6 +189,15 @@ def test_missing_member_names_the_build_command(tmp_path: Path) -> None:
         dataset_path("minilm-tweets", home=tmp_path, build=False)
 
 
+def test_a_member_builds_alone_with_its_base(tmp_path: Path) -> None:
+    """A fresh home that needs one fine-tune builds it, the base and the dataset, not the whole family."""
+    path = member_path("tiny", "sentiment3-hot", home=tmp_path)
+    built = {p.name for p in path.parent.iterdir() if (p / ".complete").exists()}
+    assert built == {"data", "base", "sentiment3-hot"}
+    with pytest.raises(KeyError, match="sentiment3"):
+        build_family("tiny", members=["no-such-member"], home=tmp_path)
+
+
 def test_list_families_marks_built(tiny_home: Path) -> None:
     table = list_families(tiny_home)
     assert list(table.columns[:6]) == ["family", "member", "model_id", "role", "built", "path"]

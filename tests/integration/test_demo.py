@@ -1,0 +1,45 @@
+"""`deltakit demo`, the main job, end to end on the tiny family: report, tidy results, resumable rerun."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from deltakit.cli import main
+
+
+def test_demo_writes_the_report_and_results(tiny: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--family", "tiny", "--out", str(out), "--limit", "64"]) == 0
+    assert f"report: {out / 'index.html'}" in capsys.readouterr().out
+
+    html = (out / "index.html").read_text()
+    for section in ("Delta statistics", "Accuracy vs pruning rate: sentiment3", "Accuracy vs pruning rate: "
+                    "sentiment3-hot", "Rescale q chosen by DAREx-q", "64 test examples"):
+        assert section in html, section
+    assert not re.search(r"<script[^>]*\ssrc=", html)  # self-contained: plotly.js is inlined, no script is fetched
+    assert html.count("Plotly.newPlot") >= 5
+
+    df = pd.read_parquet(out / "results.parquet")
+    acc = df[(df["metric"] == "accuracy") & (df["status"] == "ok")]
+    s3 = acc[acc["member"] == "sentiment3"]
+    assert {"dare", "darex_q_labelled", "magnitude", "finetuned", "base"} == set(s3["method"])
+    dare = s3[s3["method"] == "dare"]
+    assert sorted(dare["rate"].unique()) == [0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99]
+    assert dare.groupby("rate")["seed"].nunique().eq(2).all()  # two seeds per rate: intervals exist
+    assert s3[s3["method"] == "darex_q_labelled"]["q"].between(0, 1, inclusive="right").all()
+    assert set(acc[acc["member"] == "sentiment3-hot"]["method"]) == {"dare", "magnitude", "finetuned", "base"}
+    assert (out / "stats").is_dir()
+
+    # A rerun reuses every stored point (the append-only stores do not grow) and gives the same numbers.
+    stores = sorted((out / "sweeps").glob("*/results.jsonl"))
+    sizes = [p.stat().st_size for p in stores]
+    assert len(stores) == 2
+    assert main(["demo", "--family", "tiny", "--out", str(out), "--limit", "64"]) == 0
+    rerun = pd.read_parquet(out / "results.parquet")
+    cols = ["member", "method", "rate", "seed", "metric", "value"]
+    pd.testing.assert_frame_equal(rerun[cols].sort_values(cols[:5]).reset_index(drop=True),
+                                  df[cols].sort_values(cols[:5]).reset_index(drop=True))
+    assert [p.stat().st_size for p in stores] == sizes
