@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from scipy.stats import t as student_t
 
 __all__ = ["curve_data", "metric_curves", "delta_histogram", "layer_kind_heatmap", "similarity_matrix", "q_vs_rate"]
 
@@ -23,7 +24,8 @@ def curve_data(results: pd.DataFrame, metric: str = "accuracy", interval: str = 
     Args:
         results: sweep rows (``label``, ``rate``, ``seed``, ``metric``, ``value``, ``status``).
         metric: which metric.
-        interval: ``"ci95"`` (mean ± 1.96 standard errors over seeds), ``"minmax"`` or ``"std"``.
+        interval: ``"ci95"`` (Student-t 95% interval of the mean over seeds: mean ± t(0.975, n-1) standard errors),
+            ``"minmax"`` or ``"std"``.
 
     Returns:
         Columns label, method, rate, mean, lo, hi, n_seeds (reference methods included).
@@ -41,8 +43,9 @@ def curve_data(results: pd.DataFrame, metric: str = "accuracy", interval: str = 
         v = g["value"].to_numpy(dtype=float)
         mean, n = float(v.mean()), len(v)
         sd = float(v.std(ddof=1)) if n > 1 else 0.0
-        lo, hi = {"ci95": (mean - 1.96 * sd / math.sqrt(n), mean + 1.96 * sd / math.sqrt(n)),
-                  "std": (mean - sd, mean + sd), "minmax": (float(v.min()), float(v.max()))}[interval]
+        half = float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else 0.0
+        lo, hi = {"ci95": (mean - half, mean + half), "std": (mean - sd, mean + sd),
+                  "minmax": (float(v.min()), float(v.max()))}[interval]
         rows.append(dict(label=label, method=method, rate=rate, mean=mean, lo=lo, hi=hi, n_seeds=n))
     return pd.DataFrame(rows)
 
@@ -112,8 +115,9 @@ def delta_histogram(histograms: pd.DataFrame, *, kind: str = "all", title: str |
         centre = np.sqrt(g["bin_lo"].to_numpy() * g["bin_hi"].to_numpy())
         frac = g["count"].to_numpy() / g["count"].sum()
         fig.add_trace(go.Scatter(x=centre, y=frac, mode="lines", name=model, line=dict(color=_PALETTE[i % 9])))
-    for t in (0.002, 0.005, 0.01, 0.03):
-        fig.add_vline(x=t, line_dash="dot", line_color="#bbb", annotation_text=f"{t:g}")
+    for t, side in ((0.002, "left"), (0.005, "right"), (0.01, "left"), (0.03, "right")):  # labels apart
+        fig.add_vline(x=t, line_dash="dot", line_color="#bbb", annotation_text=f"{t:g}",
+                      annotation_position=f"top {side}")
     fig.update_xaxes(type="log", title="|delta|")
     fig.update_layout(title=title or f"|delta| distribution ({kind})", yaxis_title="fraction of entries per bin",
                       template="plotly_white", height=380)
