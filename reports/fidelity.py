@@ -91,7 +91,8 @@ def main() -> None:
         f"# Fidelity report: DARE / DAREx claims on {FAMILY}",
         "",
         f"Measured by `python reports/fidelity.py --limit {args.limit} --seeds {' '.join(map(str, args.seeds))}` "
-        f"in {time.perf_counter() - t0:.0f} s on {_machine()}. Accuracy on a fixed seeded subset of {args.limit} "
+        f"on {_machine()}; this invocation took {time.perf_counter() - t0:.0f} s (points already stored under "
+        f"`reports/.fidelity-runs` are reused, not recomputed). Accuracy on a fixed seeded subset of {args.limit} "
         f"test tweets; DAREx-q searches use {args.search_limit} validation tweets (never the test split). "
         f"Values are mean ± half-width of the Student-t 95% interval of the mean over mask seeds {args.seeds}.",
         "",
@@ -155,13 +156,18 @@ def main() -> None:
     for rate in hot_rates:
         lines.append(f"| {rate} | " + " | ".join(_fmt(acc("sentiment3-hot", lab, rate))
                                                   for lab in ("dare", "magnitude", "wanda")) + " |")
-    wins = [r for r in hot_rates if max(acc("sentiment3-hot", "magnitude", r)["mean"],
-                                        acc("sentiment3-hot", "wanda", r)["mean"]) > acc("sentiment3-hot", "dare", r)["hi"]]
+    def beats_dare(r: float) -> bool:
+        d = acc("sentiment3-hot", "dare", r)
+        best = max(acc("sentiment3-hot", lab, r)["mean"] for lab in ("magnitude", "wanda"))
+        return best > d["hi"] and best > d["mean"] + 0.01
+
+    wins = [r for r in hot_rates if beats_dare(r)]
     earlier = collapse["sentiment3-hot"] is not None and (collapse["sentiment3"] is None
                                                           or collapse["sentiment3-hot"] < collapse["sentiment3"])
     lines += ["", f"Verdict: DARE fails {'earlier' if earlier else 'no earlier'} on the hot member (first loss above "
               f"0.05 at {collapse['sentiment3-hot']} vs {collapse['sentiment3']} on sentiment3); magnitude or WANDA "
-              f"(one deterministic run each) lie above DARE's 95% interval at rates {wins or 'none'}.", ""]
+              f"(one deterministic run each) lie above DARE's 95% interval and more than 0.01 above its mean at rates "
+              f"{wins or 'none'}.", ""]
 
     if "sentiment3-adamr" in swept:
         fta = ref("sentiment3-adamr", "finetuned")

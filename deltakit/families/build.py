@@ -481,8 +481,8 @@ def build_family(name: str, *, members: Sequence[str] | None = None, home: Path 
         todo = wanted if force else _missing(family, folder, wanted)
         if DATA_FOLDER in todo:
             _build_dataset(family, folder / DATA_FOLDER)
-        members = [m for m in todo if m != DATA_FOLDER]
-        bar = tqdm(members, desc=f"building {name}", unit="member", disable=not progress or not members)
+        models = [m for m in todo if m != DATA_FOLDER]
+        bar = tqdm(models, desc=f"building {name}", unit="member", disable=not progress or not models)
         for member in bar:
             bar.set_postfix_str(member)
             with _staged(folder / member, _fingerprint(family, member)) as staging:
