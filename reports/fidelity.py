@@ -63,9 +63,10 @@ def main() -> None:
     common = dict(seeds=args.seeds, eval_limit=args.limit, search_limit=args.search_limit, progress=True)
     darex = ["darex_q_labelled", "darex_q_unlabelled"]
     s3_rates = [0.5, 0.7, 0.9, 0.95, 0.99, 0.995, 0.999]  # past 0.99 to find where DARE collapses on small deltas
+    hot_rates = [0.3, 0.5, 0.7, 0.9, 0.95, 0.99]
     plans = [  # (member, methods, rates); a member's sweeps share its results folder
         ("sentiment3", ["dare", *darex], s3_rates),
-        ("sentiment3-hot", ["dare", "magnitude", "wanda"], [0.3, 0.5, 0.7, 0.9, 0.95, 0.99]),
+        ("sentiment3-hot", ["dare", "magnitude", "wanda"], hot_rates),
         ("sentiment3-hot", darex, [0.95, 0.99]),  # DAREx-q where DARE collapses on large deltas
     ]
     if "sentiment3-adamr" in members:
@@ -110,7 +111,6 @@ def main() -> None:
               f"{ov.loc['sentiment3-hot', 'mean_abs'] / s3['mean_abs']:.1f}x larger.", ""]
 
     ft3, base3 = ref("sentiment3", "finetuned"), ref("sentiment3", "base")
-    hot_rates = [0.3, 0.5, 0.7, 0.9, 0.95, 0.99]
     lines += ["## (b) DARE keeps accuracy up to ~90% drop (sentiment3)", "",
               f"Fine-tune: {ft3:.3f}; base with the fine-tuned head: {base3:.3f}.", "", "| rate | DARE |", "|---|---|"]
     for rate in s3_rates:
@@ -135,11 +135,11 @@ def main() -> None:
     for member, rate in checks:
         res = results[(results["member"] == member) & (results["rate"] == rate) & (results["metric"] == "accuracy")]
         cells = [_fmt(acc(member, "dare", rate))]
-        for label in ("darex_q_labelled", "darex_q_unlabelled"):
+        for label in darex:
             cells += [_fmt(acc(member, label, rate)), f"{res[res['label'] == label]['q'].mean():.4f}"]
         lines.append(f"| {member} | {rate} | " + " | ".join(cells) + " |")
         d = acc(member, "dare", rate)
-        best = max((acc(member, lab, rate) for lab in ("darex_q_labelled", "darex_q_unlabelled")),
+        best = max((acc(member, lab, rate) for lab in darex),
                    key=lambda r: r["mean"])
         if best["lo"] > d["hi"] and best["mean"] > d["mean"] + 0.02:
             recovered.append(f"{member} at {rate} ({d['mean']:.3f} -> {best['mean']:.3f})")
