@@ -100,6 +100,8 @@ class SweepPanel(w.VBox):
                           layout=w.Layout(width="36em"))
         self.metric = w.Dropdown(options=[metric], value=metric, description="metric")
         self.log_rate = w.Checkbox(value=False, description="log axis (kept fraction)")
+        self.interval = w.Dropdown(options=[("95% CI of the mean", "ci95"), ("lowest to highest seed", "minmax"),
+                                            ("mean ± 1 std", "std")], value="ci95", description="band")
         self.run_button = w.Button(description="Run", icon="play", button_style="primary")
         self.cancel_button = w.Button(description="Cancel", icon="stop", disabled=True)
         self.progress = w.IntProgress(value=0, min=0, max=1, description="points")
@@ -118,12 +120,13 @@ class SweepPanel(w.VBox):
         self.cancel_button.on_click(lambda _: self.cancel())
         self.metric.observe(lambda _: self._redraw(), names="value")
         self.log_rate.observe(lambda _: self._redraw(), names="value")
+        self.interval.observe(lambda _: self._redraw(), names="value")
 
         super().__init__([
             self.base, self.fine_tune, self.methods, self.method_specs, self.rates,
             w.HBox([self.seeds, self.metric]), w.HBox([self.task, self.split, self.eval_limit]), self.out,
             w.HBox([self.run_button, self.cancel_button, self.progress, self.status]),
-            w.HBox([self.log_rate]), self.figure, self.output,
+            w.HBox([self.log_rate, self.interval]), self.figure, self.output,
         ])
         self.add_class("deltakit-sweep-panel")
         for widget, name in ((self.status, "status"), (self.run_button, "run"), (self.cancel_button, "cancel")):
@@ -232,7 +235,8 @@ class SweepPanel(w.VBox):
             with self.figure.batch_update():  # back to autorange (metric_curves reverses the log axis itself)
                 self.figure.layout.xaxis.autorange = True
                 self.figure.layout.yaxis.autorange = True
-            plots.metric_curves(r, self.metric.value, figure=self.figure, log_rate=self.log_rate.value)
+            plots.metric_curves(r, self.metric.value, figure=self.figure, log_rate=self.log_rate.value,
+                                interval=self.interval.value)
 
 
 def _n_points(results: pd.DataFrame) -> int:

@@ -10,6 +10,7 @@ import math
 
 import pandas as pd
 import plotly.graph_objects as go
+import pytest
 import torch
 
 from deltakit.methods import available_methods, get_method
@@ -227,6 +228,11 @@ def test_panel_runs_and_the_curve_grows_point_by_point(bert_family):
     assert panel.figure.layout.yaxis.title.text == "margin"
     panel.log_rate.value = True
     assert panel.figure.layout.xaxis.type == "log"
+    panel.interval.value = "minmax"  # the band redraws as the seeds' range
+    band = next(t for t in panel.figure.data if t.name == "dare interval")
+    per_rate = panel.results[lambda d: (d["method"] == "dare") & (d["metric"] == "margin")]
+    assert max(band.y) == pytest.approx(per_rate["value"].max())
+    assert min(band.y) == pytest.approx(per_rate["value"].min())
 
 
 def test_panel_cancel_stops_between_points(bert_family):
