@@ -385,7 +385,6 @@ def sweep(
         ValueError: bad rates, unknown method (KeyError), a model/task mismatch found before the first point.
     """
     points = plan_points(methods, rates, seeds, references=references)
-    strategies = STRATEGIES
     base_s = base if isinstance(base, Snapshot) else resolve(base)
     ft_s = fine_tune if isinstance(fine_tune, Snapshot) else resolve(fine_tune)
     rm = resident or ResidentModel(base_s, ft_s, preset=preset, include=include, exclude=exclude, device=device)
@@ -418,7 +417,7 @@ def sweep(
                 continue
             if cancel is not None and cancel.is_set():
                 break
-            rows = _run_point(ctx, ev, spec, rate, seed, backend=backend, strategies=strategies)
+            rows = _run_point(ctx, ev, spec, rate, seed, backend=backend)
             for r in rows:
                 r.update(key=key, **labels)
             if store:
@@ -460,8 +459,7 @@ def _wanda_params(ctx: SearchContext) -> Callable[[str], dict[str, Any]]:
     return params_for
 
 
-def _run_point(ctx: SearchContext, ev, spec: MethodSpec, rate: float, seed: int, *, backend: str,
-               strategies: dict[str, Any]) -> list[dict]:
+def _run_point(ctx: SearchContext, ev, spec: MethodSpec, rate: float, seed: int, *, backend: str) -> list[dict]:
     """Prepare one point (rewrite the prunable tensors), evaluate it, return its tidy rows (never raises)."""
     rm = ctx.rm
     params = dict(spec.params)
@@ -473,8 +471,8 @@ def _run_point(ctx: SearchContext, ev, spec: MethodSpec, rate: float, seed: int,
             rm.restore()
         elif spec.name == "base":
             rm.set_base()
-        elif spec.name in strategies:
-            chosen = strategies[spec.name](ctx, rate=rate, seed=seed, backend=backend, **params)
+        elif spec.name in STRATEGIES:
+            chosen = STRATEGIES[spec.name](ctx, rate=rate, seed=seed, backend=backend, **params)
             base_row["q"] = chosen.q
             base_row["params"] = json.dumps(dict(params, **chosen.record), default=str)
             rm.apply("darex_q", rate=rate, seed=seed, backend=backend, params_for=chosen.params_for)

@@ -178,8 +178,8 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="minilm-tweets",
-            description="all-MiniLM-L6-v2 and three full fine-tunes on tweet sentiment: small deltas (lr 5e-5) "
-            "and large deltas (lr 1e-3). The real demo.",
+            description="all-MiniLM-L6-v2 and four full fine-tunes on tweet sentiment: small deltas (lr 5e-5), "
+            "large deltas (lr 1e-3) and AdamR-regularised deltas. The real demo.",
             build_base=minilm.build_base,
             base_config=minilm.MiniLMBaseConfig(),
             finetunes=(
