@@ -26,7 +26,7 @@ DEMO_RATES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
 
 def run_demo(out: str | Path = "deltakit-demo", *, family: str = "minilm-tweets",
              rates: Sequence[float] = DEMO_RATES, seeds: Sequence[int] = (0, 1), eval_limit: int | None = 400,
-             search_limit: int | None = 200, progress: bool = True) -> Path:
+             search_limit: int | None = 128, progress: bool = True) -> Path:
     """Run the demo and write the report.
 
     Args:
