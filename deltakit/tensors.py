@@ -91,10 +91,13 @@ class TensorReader:
         self._infos: dict[str, TensorInfo] = {}
         self._eager: dict[str, torch.Tensor] | None = None
         files = self._weight_files()
+        #: The weight files this reader reads, in order (what a fingerprint of the checkpoint must cover).
+        self.files: list[Path] = list(files)
         if files:
             for file in files:
                 self._index_file(file)
         elif allow_pickle and (pickle := self._pickle_file()) is not None:
+            self.files = [pickle]
             self._load_pickle(pickle)
         else:
             pickle = self._pickle_file()
