@@ -41,8 +41,8 @@ def _worker(mode: str, base: str, ft: str) -> dict:
     else:
         from transformers import AutoModel, AutoModelForSequenceClassification
 
-        base_sd = AutoModel.from_pretrained(b.path).state_dict()
-        ft_sd = AutoModelForSequenceClassification.from_pretrained(f.path).state_dict()
+        base_sd = AutoModel.from_pretrained(b.path, trust_remote_code=False).state_dict()
+        ft_sd = AutoModelForSequenceClassification.from_pretrained(f.path, trust_remote_code=False).state_dict()
         prefix = "bert." if any(k.startswith("bert.") for k in ft_sd) else ""
         deltas = {k: ft_sd[prefix + k].float() - v.float() for k, v in base_sd.items()
                   if v.is_floating_point() and prefix + k in ft_sd}

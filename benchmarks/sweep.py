@@ -44,12 +44,12 @@ def main() -> None:
     from deltakit.sweep import ResidentModel, default_evaluator
 
     base, ft = resolve(f"family:{args.family}/base"), resolve(f"family:{args.family}/{args.member}")
-    tokenizer = AutoTokenizer.from_pretrained(ft.path)
+    tokenizer = AutoTokenizer.from_pretrained(ft.path, trust_remote_code=False)
     evaluator = default_evaluator(ft, tokenizer, task=None, split="test", limit=args.limit)
     points = [(r, s) for r in args.rates for s in args.seeds]
     # Warm-up, untimed and shared: transformers' lazy imports of the model classes and the first forward pass
     # would otherwise be charged to whichever side runs first.
-    evaluator(AutoModelForSequenceClassification.from_pretrained(ft.path).eval())
+    evaluator(AutoModelForSequenceClassification.from_pretrained(ft.path, trust_remote_code=False).eval())
 
     # -- deltakit -------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -74,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rate, seed in points:
             t = time.perf_counter()
-            model = AutoModelForSequenceClassification.from_pretrained(ft.path)
+            model = AutoModelForSequenceClassification.from_pretrained(ft.path, trust_remote_code=False)
             torch.manual_seed(seed)
             with torch.no_grad():
                 params = dict(model.named_parameters())
@@ -84,7 +84,7 @@ def main() -> None:
                     mask = torch.bernoulli(torch.full_like(delta, 1.0 - rate))
                     p.copy_(base_tensors[name] + delta * mask / (1.0 - rate))
             model.save_pretrained(tmp)
-            model = AutoModelForSequenceClassification.from_pretrained(tmp)
+            model = AutoModelForSequenceClassification.from_pretrained(tmp, trust_remote_code=False)
             prep_rl.append(time.perf_counter() - t)
             t = time.perf_counter()
             acc_rl.append(evaluator(model)["accuracy"])

@@ -34,20 +34,27 @@ def _cmd_family_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(out: str) -> None:
+    """Refuse an output folder that cannot be written, before any work starts."""
+    from deltakit.store import check_writable_folder
+
+    check_writable_folder(out)
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from deltakit.stats import delta_stats
 
+    if args.out:
+        _check_out(args.out)  # before minutes of work, not after
     stats = delta_stats(
         args.base, args.fine_tunes, preset=args.preset, include=args.include, exclude=args.exclude,
         shared_rows=args.shared_rows, device=args.device, allow_pickle=args.allow_pickle, progress=not args.json,
     )
+    # Print first: a late write error must not lose what was computed.
+    print(json.dumps(stats.to_json(), default=str) if args.json else stats.summary(), flush=True)
     if args.out:
         stats.save(args.out)
-    if args.json:
-        print(json.dumps(stats.to_json(), default=str))
-    else:
-        print(stats.summary())
-        if args.out:
+        if not args.json:
             print(f"wrote {args.out}/{{tensors,layers,kinds,overall,similarity,histograms,pairing}}.parquet")
     return 0
 
@@ -57,15 +64,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     df = sweep(args.base, args.fine_tune, methods=args.methods, rates=args.rates, seeds=args.seeds, task=args.task,
                split=args.split, eval_limit=args.limit, preset=args.preset, include=args.include,
-               exclude=args.exclude, out=args.out, device=args.device, backend=args.backend)
+               exclude=args.exclude, shared_rows=args.shared_rows, out=args.out, wait=args.wait, device=args.device,
+               backend=args.backend)
     ok = df[df["status"] == "ok"]
-    metric = "accuracy" if "accuracy" in set(ok["metric"]) else ok["metric"].iloc[0]
-    table = ok[ok["metric"] == metric].groupby(["label", "rate"])["value"].agg(["mean", "std", "count"])
-    print(table.to_string(float_format=lambda x: f"{x:.4f}"))
+    if len(ok):
+        metric = "accuracy" if "accuracy" in set(ok["metric"]) else ok["metric"].iloc[0]
+        table = ok[ok["metric"] == metric].groupby(["label", "rate"])["value"].agg(["mean", "std", "count"])
+        print(table.to_string(float_format=lambda x: f"{x:.4f}"))
+    print(f"results: {args.out}/results.parquet")
     failed = df[df["status"] == "failed"]
     if len(failed):
-        print(f"{len(failed)} point(s) failed, e.g.: {failed['error'].iloc[0]}")
-    print(f"results: {args.out}/results.parquet")
+        reasons = failed.groupby("error")["key"].nunique().sort_values(ascending=False)
+        print(f"deltakit: error: {failed['key'].nunique()} point(s) failed; finished points are kept and a rerun "
+              "retries only the failed ones. Reasons:", file=sys.stderr)
+        for error, n in reasons.items():
+            print(f"  {n} x {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -83,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         description="What did fine-tuning change, and how much of it can be thrown away? "
         "Model references: org/name[@revision], a local directory, or family:FAMILY/MEMBER.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     fam = sub.add_parser("family", help="the embedded model families (built offline from PyPI packages)")
@@ -120,10 +135,14 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--split", default="test", help="evaluation split (default: test)")
     sw.add_argument("--limit", type=int, help="evaluate on a seeded subset of this many examples")
     sw.add_argument("--out", default="deltakit-sweep", help="results folder (resumable)")
+    sw.add_argument("--wait", action="store_true",
+                    help="wait for another sweep writing to the same --out to finish instead of failing")
     sw.add_argument("--preset", default="mergelm_encoder")
     sw.add_argument("--include", action="append")
     sw.add_argument("--exclude", action="append")
-    sw.add_argument("--device", default="cpu")
+    sw.add_argument("--shared-rows", action="store_true",
+                    help="when vocabularies differ, prune the shared rows (added rows keep fine-tuned values)")
+    sw.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     sw.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     sw.set_defaults(func=_cmd_sweep)
 
@@ -136,12 +155,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (errors print one clear line to stderr and return 2)."""
+    """Run the CLI; returns the exit code.
+
+    Bad input and environment failures (the library's errors are ValueError / KeyError subclasses; OSError for
+    files and disks, RuntimeError, ImportError for a missing optional package) print one line naming the value
+    and the fix and return 2; ``--debug`` shows the traceback instead. Ctrl-C returns 130.
+    """
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except KeyboardInterrupt:
+        print("deltakit: interrupted; finished results are kept (a sweep resumes where it stopped).", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:
+        if args.debug:
+            raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, OSError) and err.filename is not None:
+            msg = f"{err.strerror or err} ({err.filename}); check the path, its permissions and the free disk space"
         print(f"deltakit: error: {msg}", file=sys.stderr)
         return 2
 

@@ -6,8 +6,9 @@ a search for exactly that tag. :func:`find_finetunes` runs that search with ``Hf
 lists homologous candidates (same parent), which is what a delta (fine-tune minus base) needs. Homology is only
 *claimed* by the card: ``deltakit.pairing.pair_models`` still checks names and shapes before any delta is taken.
 
-Offline (``HF_HUB_OFFLINE`` set, or the endpoint unreachable) there is no search to run, so the fine-tunes of the
-embedded families (:mod:`deltakit.families`, built locally) are listed instead, and the result says why. A
+Offline (``HF_HUB_OFFLINE`` set, or the endpoint unreachable or not answering within
+:func:`deltakit.sources.hub_timeouts`) there is no search to run, so the fine-tunes of the embedded families
+(:mod:`deltakit.families`, built locally) are listed instead, and the result says why. A
 ``family:FAMILY/MEMBER`` base lists that family's fine-tunes without touching the network.
 
 Every result row carries a ``ref`` that :func:`deltakit.sources.resolve` accepts as it is.
@@ -15,13 +16,11 @@ Every result row carries a ``ref`` that :func:`deltakit.sources.resolve` accepts
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 from dataclasses import dataclass
 
 import pandas as pd
 
-from deltakit.sources import FAMILY_PREFIX, _split_hub_ref
+from deltakit.sources import FAMILY_PREFIX, SourceError, _network_errors, _split_hub_ref, bound_hub_requests
 
 __all__ = ["FinetuneSearch", "embedded_finetunes", "find_finetunes", "finetune_filter", "SORT_KEYS"]
 
@@ -87,19 +86,6 @@ def embedded_finetunes(family: str | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the Hub could not be reached".
-
-    ``OfflineModeIsEnabled`` and most connection failures are ``OSError`` subclasses; huggingface_hub 2.x lets
-    httpx2's transport errors (connection refused, timeouts) through unchanged, and 1.x those of httpx.
-    """
-    errors: list[type[BaseException]] = [OSError]
-    for module in ("httpx2", "httpx"):
-        with contextlib.suppress(ImportError):
-            errors.append(importlib.import_module(module).TransportError)
-    return tuple(errors)
-
-
 def find_finetunes(base: str, *, limit: int = 50, sort: str = "downloads") -> FinetuneSearch:
     """List fine-tunes of ``base``: a Hub search, or the embedded families when the Hub cannot be asked.
 
@@ -138,12 +124,13 @@ def find_finetunes(base: str, *, limit: int = 50, sort: str = "downloads") -> Fi
         return FinetuneSearch(repo_id, "embedded", embedded_finetunes(),
                               "HF_HUB_OFFLINE is set, so the Hub was not searched; these are the embedded "
                               "families' fine-tunes (each of its own family base).")
+    bound_hub_requests()
     try:
         infos = list(HfApi().list_models(filter=finetune_filter(repo_id), sort=sort, limit=int(limit)))
-    except _network_errors() as err:
+    except (SourceError, *_network_errors()) as err:  # SourceError: the Hub did not answer in time
         return FinetuneSearch(repo_id, "embedded", embedded_finetunes(),
-                              f"the Hub at {constants.ENDPOINT} could not be reached ({type(err).__name__}); these "
-                              "are the embedded families' fine-tunes (each of its own family base).")
+                              f"the Hub at {constants.ENDPOINT} could not be reached ({type(err).__name__}: {err}); "
+                              "these are the embedded families' fine-tunes (each of its own family base).")
     rows = [dict(ref=i.id, model_id=i.id, source="hub", task=i.pipeline_tag, downloads=i.downloads, likes=i.likes,
                  last_modified=i.last_modified) for i in infos]
     found = f"{len(rows)} fine-tune(s)" if rows else "no fine-tunes"

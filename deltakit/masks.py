@@ -264,10 +264,13 @@ def check_rate(rate: float) -> np.float32:
     Raises:
         ValueError: If ``rate`` is not a number in [0, 1].
     """
-    try:
-        value = float(rate)
-    except (TypeError, ValueError):
-        raise ValueError(f"rate must be a number in [0, 1] (fraction of delta entries dropped), got {rate!r}") from None
+    # A string ("0.5") or a bool would pass float(); both are caller mistakes, so refuse them by type.
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, (int, float, np.integer, np.floating)):
+        raise ValueError(
+            f"rate must be a number in [0, 1] (fraction of delta entries dropped), got {rate!r} "
+            f"({type(rate).__name__}); pass a float such as 0.9"
+        )
+    value = float(rate)
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(
             f"rate must be in [0, 1] (fraction of delta entries dropped), got {rate!r}; "

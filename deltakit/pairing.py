@@ -8,8 +8,11 @@ Checks, before any tensor data is read (headers only):
   the most names wins;
 * non-float tensors (``embeddings.position_ids``) are skipped; fine-tune tensors with no base counterpart
   (a new classifier head) are reported as unpaired and never pruned;
-* shapes: a mismatch (typically extra vocabulary rows) is refused, unless ``shared_rows=True`` asks to compare
-  the leading rows both tensors have;
+* dtypes: a tensor stored as a float in one checkpoint and as a non-float in the other (a weight relabelled as
+  ``I32``) is refused rather than skipped as a buffer, which would drop it from the statistics unnoticed;
+* shapes: a mismatch is refused, unless ``shared_rows=True`` asks to compare the leading rows both tensors have.
+  That covers vocabulary rows only: 2-D tensors of module kind ``embedding`` or ``head`` (a tokenizer with added
+  tokens); any other shape difference (a LayerNorm of 64 vs 80) means the models are not homologous;
 * the card: a warning when the fine-tune's model card names a ``base_model`` other than the given base.
 
 Which paired tensors are *prunable* is a named preset, as in the papers (DESIGN.md decision 4), refined by
@@ -21,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -28,7 +32,7 @@ import pandas as pd
 from deltakit.sources import Snapshot
 from deltakit.tensors import TensorReader
 
-__all__ = ["PRESETS", "Preset", "TensorPair", "Pairing", "PairingError", "pair_models", "module_kind",
+__all__ = ["PRESETS", "Preset", "prunable_selector", "TensorPair", "Pairing", "PairingError", "pair_models", "module_kind",
            "layer_index", "MODULE_KINDS"]
 
 
@@ -76,6 +80,7 @@ _KIND_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("ffn_out", r"((^|\.)output\.dense|down_proj|(^|\.)fc2(\.|$)|mlp\.c_proj|lin2|w2)"),
     )
 )
+_VOCAB_KINDS = ("embedding", "head")  # kinds whose dim 0 may be vocabulary rows (``shared_rows``)
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
@@ -188,7 +193,13 @@ def _best_prefixes(base_names: list[str], ft_names: list[str]) -> tuple[str, str
     return best[1], best[2], best[3]
 
 
-def _selector(preset: str, include: tuple[str, ...] | list[str] | None, exclude: tuple[str, ...] | list[str] | None):
+def prunable_selector(preset: str, include: Sequence[str] | None = None,
+                      exclude: Sequence[str] | None = None) -> Callable[[str], bool]:
+    """The prunable-set predicate of a preset refined by include/exclude regexes (``re.fullmatch`` on names).
+
+    Raises:
+        KeyError: unknown preset (the message lists them). ValueError: a regex that does not compile.
+    """
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}. Or pass include/exclude regexes.")
     p = PRESETS[preset]
@@ -196,7 +207,8 @@ def _selector(preset: str, include: tuple[str, ...] | list[str] | None, exclude:
         inc = [re.compile(r) for r in (*p.include, *(include or ()))]
         exc = [re.compile(r) for r in (*p.exclude, *(exclude or ()))]
     except re.error as err:
-        raise ValueError(f"bad include/exclude regex: {err}") from err
+        raise ValueError(f"bad include/exclude regex {err.pattern!r}: {err}; regexes fullmatch tensor names, e.g. "
+                         "'.*classifier.*'.") from err
 
     def prunable(name: str) -> bool:
         if inc and not any(r.fullmatch(name) for r in inc):
@@ -212,6 +224,20 @@ def _check_architecture(base: Snapshot, ft: Snapshot) -> None:
         raise PairingError(
             f"different architectures: base {base.label!r} is model_type {bt!r}, fine-tune {ft.label!r} is {ftt!r}. "
             "Deltas only make sense between a model and its own fine-tune; pick the base the fine-tune was trained from."
+        )
+
+
+def _check_dtype_kinds(base: Snapshot, ft: Snapshot, br: TensorReader, fr: TensorReader,
+                       mapping: dict[str, str]) -> None:
+    """Refuse paired names stored as a float on one side and a non-float on the other (a relabelled weight)."""
+    relabelled = [f"{n}: base {br.info(b).dtype} vs fine-tune {fr.info(n).dtype}" for n, b in mapping.items()
+                  if br.info(b).is_float != fr.info(n).is_float]
+    if relabelled:
+        raise PairingError(
+            f"{len(relabelled)} tensors have a float dtype in one checkpoint and a non-float dtype in the other "
+            f"(base {base.label!r}, fine-tune {ft.label!r}): {relabelled[:5]}. Their values cannot be compared "
+            "(a weight relabelled as an integer dtype would be read as integers); re-save the checkpoint with each "
+            "weight in a float dtype, or pick a base and fine-tune whose dtypes agree."
         )
 
 
@@ -247,8 +273,8 @@ def pair_models(
         preset: the named prunable set (:data:`PRESETS`).
         include: extra regexes a tensor must fullmatch to be prunable.
         exclude: extra regexes that make a tensor not prunable.
-        shared_rows: when shapes differ only in dim 0 (vocabulary rows), compare the shared leading rows
-            instead of refusing.
+        shared_rows: when a 2-D embedding or head tensor differs only in dim 0 (vocabulary rows), compare the
+            shared leading rows instead of refusing. Other shape differences are always refused.
         base_reader / ft_reader: readers to reuse (opened from the snapshots otherwise).
         allow_pickle: passed to the readers.
 
@@ -256,19 +282,21 @@ def pair_models(
         The pairing.
 
     Raises:
-        PairingError: different architectures, no common tensors, or shape mismatches (the message lists them
-            and says how to compare shared rows).
+        PairingError: different architectures, no common tensors, a tensor float in one checkpoint and non-float
+            in the other, or shape mismatches (the message lists them and says whether shared rows would apply).
         KeyError: unknown preset.
     """
     _check_architecture(base, ft)
-    is_prunable = _selector(preset, include, exclude)
+    is_prunable = prunable_selector(preset, include, exclude)
     br = base_reader or TensorReader(base.path, allow_pickle=allow_pickle)
     fr = ft_reader or TensorReader(ft.path, allow_pickle=allow_pickle)
     base_float = [n for n in br.names() if br.info(n).is_float]
     ft_names = fr.names()
     skipped = tuple(n for n in ft_names if not fr.info(n).is_float)
     ft_float = [n for n in ft_names if fr.info(n).is_float]
-    bp, fp, mapping = _best_prefixes(base_float, ft_float)
+    bp, fp, mapping = _best_prefixes(br.names(), ft_names)
+    _check_dtype_kinds(base, ft, br, fr, mapping)
+    mapping = {n: b for n, b in mapping.items() if fr.info(n).is_float}
     if not mapping:
         raise PairingError(
             f"no common tensors between base {base.label!r} ({len(base_float)} tensors, e.g. {base_float[:2]}) and "
@@ -280,7 +308,7 @@ def pair_models(
         notes.append(w)
     pairs: list[TensorPair] = []
     mismatches: list[str] = []
-    rows_only = True  # every mismatch differs only in dim 0 (vocabulary rows)
+    rows_only = True  # every mismatch is in the vocabulary rows of an embedding or head
     for n in ft_float:
         if n not in mapping:
             continue
@@ -288,19 +316,21 @@ def pair_models(
         rows = None
         shape = fs
         if bs != fs:
-            same_tail = len(bs) == len(fs) and len(bs) > 0 and bs[1:] == fs[1:]
-            if shared_rows and same_tail:
+            vocab_rows = len(bs) == len(fs) == 2 and bs[1] == fs[1] and module_kind(n) in _VOCAB_KINDS
+            if shared_rows and vocab_rows:
                 rows = min(bs[0], fs[0])
                 shape = (rows, *fs[1:])
                 notes.append(f"{n}: base has {bs[0]} rows, fine-tune {fs[0]}; comparing the first {rows}")
             else:
-                rows_only = rows_only and same_tail
+                rows_only = rows_only and vocab_rows
                 mismatches.append(f"{n}: base {tuple(bs)} vs fine-tune {tuple(fs)}")
                 continue
         pairs.append(TensorPair(n, mapping[n], tuple(shape), is_prunable(n), module_kind(n), layer_index(n), rows))
     if mismatches:
-        hint = (" Shapes differ only in the number of rows (vocabulary size): pass shared_rows=True (CLI: "
-                "--shared-rows) to compare the rows both have." if rows_only else "")
+        hint = (" Shapes differ only in the number of vocabulary rows: pass shared_rows=True (CLI: --shared-rows) to "
+                "compare the rows both have." if rows_only else
+                " shared_rows covers vocabulary rows only (2-D embedding and head tensors); any other shape difference "
+                "means these checkpoints are not homologous: pick the base this fine-tune was trained from.")
         raise PairingError(f"{len(mismatches)} tensors differ in shape between base {base.label!r} and fine-tune "
                            f"{ft.label!r}: {mismatches[:5]}.{hint}")
     unpaired = tuple(n for n in ft_float if n not in mapping)

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from deltakit.fileio import json_default, write_atomically
 from deltakit.pairing import Pairing, TensorPair, pair_models
 from deltakit.sources import Snapshot, resolve
 from deltakit.tensors import TensorReader
@@ -250,9 +251,10 @@ class DeltaStats:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         for name in self.FRAMES:
-            getattr(self, name).to_parquet(out / f"{name}.parquet", index=False)
-        (out / "summary.txt").write_text(self.summary() + "\n")
-        (out / "summary.json").write_text(json.dumps(self.to_json(), indent=2, default=json_default) + "\n")
+            write_atomically(out / f"{name}.parquet", lambda tmp, name=name: getattr(self, name).to_parquet(tmp, index=False))
+        write_atomically(out / "summary.txt", lambda tmp: tmp.write_text(self.summary() + "\n"))
+        text = json.dumps(self.to_json(), indent=2, default=json_default) + "\n"
+        write_atomically(out / "summary.json", lambda tmp: tmp.write_text(text))
         return out
 
     @classmethod
@@ -295,15 +297,6 @@ class DeltaStats:
         if len(unp):
             lines.append(f"unpaired (new in the fine-tune, not compared): {sorted(set(unp['name']))}")
         return "\n".join(lines)
-
-
-def json_default(o: object) -> object:
-    """``json.dumps(default=...)`` for results: tensors become lists, NumPy/torch scalars numbers, the rest text."""
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
 
 
 def _clean(r: dict) -> dict:

@@ -6,9 +6,10 @@ point is one fused pass per tensor (``deltakit.prune.apply_method``) plus one ev
 numbers of a seed are computed once per tensor and reused by every rate and random method (masks are nested
 across rates by construction: common random numbers give smooth curves).
 
-Every point is a pure function of its key -- a hash of everything that defines it (model snapshots, preset,
-method, params, rate, seed, evaluator fingerprint). Results are appended to ``<out>/results.jsonl`` one line per
-finished point (flushed and fsynced), so a killed sweep loses at most the point in flight, and rerunning the same
+Every point is a pure function of its key -- a hash of everything that defines it (the models' content
+fingerprints, preset, method, params, rate, seed, evaluator fingerprint). Results are appended to
+``<out>/results.jsonl`` (:mod:`deltakit.store`: one record per finished point, on disk whole or not at all; one
+sweep writes a folder at a time), so a killed sweep loses at most the point in flight, and rerunning the same
 sweep skips completed points. ``results.parquet`` is rewritten at the end. The result is a tidy DataFrame:
 one row per (point, metric).
 
@@ -20,12 +21,15 @@ rate 1; non-prunable tensors such as the new head keep their fine-tuned values).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import math
-import os
 import threading
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +39,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from deltakit import masks
 from deltakit.darex_search import STRATEGIES, SearchContext
-from deltakit.pairing import pair_models
-from deltakit.sources import Snapshot, resolve
-from deltakit.stats import json_default
+from deltakit.pairing import pair_models, prunable_selector
+from deltakit.sources import Snapshot, SourceError, resolve
+from deltakit.store import ResultStore, fingerprint, tidy_rows  # ResultStore: re-exported for old imports
 from deltakit.tensors import TensorReader
 
 __all__ = ["MethodSpec", "ResidentModel", "ResultStore", "sweep", "plan_points", "normalise_rates"]
@@ -89,70 +94,9 @@ def normalise_rates(rates: Sequence[float]) -> list[float]:
     """
     if not rates:
         raise ValueError("no pruning rates given: pass e.g. rates=[0.1, 0.5, 0.9, 0.99].")
-    out = []
     for r in rates:
-        r = float(r)
-        if not math.isfinite(r) or not 0.0 <= r <= 1.0:
-            raise ValueError(f"pruning rate {r} is outside [0, 1] (rate = fraction of delta entries dropped).")
-        out.append(r)
-    return sorted(set(out))
-
-
-class ResultStore:
-    """Append-only JSON-lines store of sweep rows, keyed by point; resumable.
-
-    Args:
-        folder: where ``results.jsonl`` (and, on :meth:`write_parquet`, ``results.parquet``) live.
-    """
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.path = self.folder / "results.jsonl"
-        self._lock = threading.Lock()
-
-    def rows(self) -> list[dict]:
-        """All complete rows on disk (a partly written last line, from a killed process, is ignored); rows of a
-        failed attempt are dropped once a later attempt of the same point succeeded."""
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        ok = {r["key"] for r in out if r.get("status") == "ok"}
-        return [r for r in out if r.get("status") == "ok" or r["key"] not in ok]
-
-    def done_keys(self) -> set[str]:
-        """Keys of points finished successfully (failed points are retried by the next run)."""
-        return {r["key"] for r in self.rows() if r.get("status") == "ok"}
-
-    def append(self, rows: list[dict]) -> None:
-        """Append the rows of one point durably (one write, flushed and fsynced)."""
-        text = "".join(json.dumps(r, default=json_default) + "\n" for r in rows)
-        with self._lock:
-            if self.path.exists() and self.path.stat().st_size:
-                with self.path.open("rb") as fh:  # a killed writer may have left a partial line: end it first
-                    fh.seek(-1, os.SEEK_END)
-                    if fh.read(1) != b"\n":
-                        text = "\n" + text
-            with self.path.open("a") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows())
-
-    def write_parquet(self) -> Path:
-        out = self.folder / "results.parquet"
-        df = self.frame()
-        if "params" in df:
-            df["params"] = df["params"].astype(str)
-        df.to_parquet(out, index=False)
-        return out
+        masks.check_rate(r)  # refuses strings and bools by type, NaN, and numbers outside [0, 1]
+    return sorted({float(r) for r in rates})
 
 
 @dataclass
@@ -164,28 +108,97 @@ class _Target:
     u: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+def refuse_remote_code(snapshot: Snapshot) -> None:
+    """Refuse a checkpoint whose architecture transformers does not ship (loading it would need the repo's code).
+
+    deltakit always passes ``trust_remote_code=False``; this check turns transformers' refusal (or, in older
+    versions, its question on stdin) into a clear error before any loading starts.
+
+    Raises:
+        SourceError: naming the model type, whether ``config.json`` carries an ``auto_map``, and what to do.
+    """
+    from transformers import CONFIG_MAPPING
+
+    model_type = snapshot.config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    code = " and its config.json maps it to the repository's own Python code (auto_map)" \
+        if "auto_map" in snapshot.config else ""
+    raise SourceError(
+        f"{snapshot.label!r} has model_type {model_type!r}, which is not an architecture transformers ships{code}. "
+        "deltakit never runs code from a checkpoint (trust_remote_code is always False): use a fine-tune of a "
+        "built-in architecture, or load the model yourself and pass model_loader=."
+    )
+
+
+def load_classifier(snapshot: Snapshot) -> torch.nn.Module:
+    """Load a sequence classifier from a snapshot, safely: built-in architectures only, every weight present.
+
+    Raises:
+        SourceError: the architecture needs the repository's code (:func:`refuse_remote_code`), or the checkpoint
+            lacks weights the architecture needs (transformers would initialise them randomly).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    refuse_remote_code(snapshot)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        snapshot.path, trust_remote_code=False, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise SourceError(
+            f"{snapshot.label!r} lacks {len(missing)} weight(s) its architecture needs (e.g. {missing[:3]}); "
+            "transformers would initialise them randomly and every point would measure noise. Use the complete "
+            "checkpoint (or pass model_loader= to load it your way)."
+        )
+    return model
+
+
+def load_tokenizer(snapshot: Snapshot):
+    """The snapshot's tokenizer (None when it ships none); never runs the repository's code.
+
+    A tokenizer config that maps to the repository's own code (``auto_map``) is loaded from its ``tokenizer.json``
+    by transformers' built-in backend when there is one; otherwise it cannot be loaded safely and is refused.
+
+    Raises:
+        SourceError: the tokenizer cannot be loaded without running the repository's code, or at all.
+    """
+    from transformers import AutoTokenizer
+
+    config_file = snapshot.path / "tokenizer_config.json"
+    if not config_file.exists():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(snapshot.path, trust_remote_code=False)
+    except (ValueError, OSError) as err:
+        remote = "auto_map" in config_file.read_text(encoding="utf-8", errors="replace")
+        why = ("it maps to the repository's own code (auto_map), which deltakit never runs (trust_remote_code is "
+               "always False)" if remote else str(err).splitlines()[0])
+        raise SourceError(f"cannot load the tokenizer of {snapshot.label!r}: {why}. Use a checkpoint with a "
+                          "tokenizer.json or a built-in tokenizer class.") from None
+
+
 class ResidentModel:
     """A fine-tuned model loaded once, with the base and fine-tuned values of its prunable tensors beside it.
 
     Args:
         base / fine_tune: snapshots (see :func:`deltakit.sources.resolve`).
         preset / include / exclude: the prunable set (:mod:`deltakit.pairing`).
+        shared_rows: when the vocabularies differ, prune the rows both have; the fine-tune's extra rows keep their
+            fine-tuned values (their delta is zero).
         device: where the model lives.
-        model_loader: ``path -> nn.Module``; defaults to ``AutoModelForSequenceClassification.from_pretrained``
-            (never with ``trust_remote_code``).
+        model_loader: ``path -> nn.Module``; defaults to :func:`load_classifier` (never runs a checkpoint's code).
         cache_uniforms: keep each seed's uniform numbers per tensor (CPU; ~4 bytes per prunable parameter per seed).
 
     Raises:
         deltakit.pairing.PairingError: base and fine-tune are not homologous.
-        ValueError: a prunable tensor of the checkpoint is not a parameter of the loaded model.
+        deltakit.sources.SourceError: the fine-tune needs its own code, or lacks weights its architecture needs.
+        ValueError: nothing is prunable, or a prunable tensor of the checkpoint is not a parameter of the model.
     """
 
     def __init__(self, base: Snapshot, fine_tune: Snapshot, *, preset: str = "mergelm_encoder",
                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
-                 device: str | torch.device = "cpu", model_loader: Callable[[Path], torch.nn.Module] | None = None,
-                 cache_uniforms: bool = True) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+                 shared_rows: bool = False, device: str | torch.device = "cpu",
+                 model_loader: Callable[[Path], torch.nn.Module] | None = None, cache_uniforms: bool = True) -> None:
         from deltakit.prune import check_finite_delta
 
         self.base_snapshot, self.ft_snapshot = base, fine_tune
@@ -193,21 +206,28 @@ class ResidentModel:
         base_reader = TensorReader(base.path)
         ft_reader = TensorReader(fine_tune.path)
         self.pairing = pair_models(base, fine_tune, preset=preset, include=include, exclude=exclude,
-                                   base_reader=base_reader, ft_reader=ft_reader)
-        load = model_loader or (lambda p: AutoModelForSequenceClassification.from_pretrained(p))
-        self.model = load(fine_tune.path).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(fine_tune.path) if (fine_tune.path / "tokenizer_config.json").exists() else None
+                                   shared_rows=shared_rows, base_reader=base_reader, ft_reader=ft_reader)
+        if not self.pairing.prunable():
+            raise ValueError(
+                f"nothing to prune: preset {preset!r} with include={list(include or [])} and "
+                f"exclude={list(exclude or [])} selects none of the {len(self.pairing.pairs)} paired tensors of "
+                f"{fine_tune.label!r}, so every point would equal the fine-tune. Loosen --exclude / --include."
+            )
+        self.model = (model_loader(fine_tune.path) if model_loader else load_classifier(fine_tune)).to(self.device)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(fine_tune)
         params = dict(self.model.named_parameters())
         self.targets: list[_Target] = []
         for pair in self.pairing.prunable():
-            if pair.rows is not None:
-                raise ValueError(f"{pair.name}: pruning tensors with different row counts is not supported; exclude "
-                                 "it (exclude=[...]) or resize the vocabularies first.")
             param = params.get(pair.name)
             if param is None:
                 raise ValueError(f"checkpoint tensor {pair.name!r} is not a parameter of the loaded model; exclude it.")
             base_t = base_reader.read(pair.base_name).to(self.device, param.dtype)
             ft_t = param.detach().clone()
+            if pair.rows is not None:  # rows only the fine-tune has get a zero delta: they keep fine-tuned values
+                shared = ft_t.clone()
+                shared[: pair.rows] = base_t[: pair.rows]
+                base_t = shared
             check_finite_delta(base_t, ft_t, pair.name)  # once here, so every point can skip the check
             self.targets.append(_Target(pair.name, param, base_t, ft_t))
         self.cache_uniforms = cache_uniforms and self.device.type == "cpu"
@@ -274,14 +294,6 @@ def _key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _snapshot_id(s: Snapshot) -> str:
-    """What pins a model: the Hub commit, or the weights files' sizes and mtimes for local folders."""
-    if s.commit:
-        return f"{s.repo_id}@{s.commit}"
-    files = sorted(s.path.glob("*.safetensors"))
-    return f"{s.path}:" + ",".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
-
-
 def default_evaluator(fine_tune: Snapshot, tokenizer, *, task: str | None, split: str, limit: int | None,
                       batch_size: int = 64, max_length: int = 128):
     """The evaluator for a fine-tune: its own family task data, or ``task`` (see :func:`deltakit.evaluate.load_split`).
@@ -307,6 +319,94 @@ def default_evaluator(fine_tune: Snapshot, tokenizer, *, task: str | None, split
     return ev
 
 
+def _schema(name: str) -> dict[str, inspect.Parameter]:
+    """The parameters a method spec may set: a registry method's own parameters, or a DAREx-q strategy's."""
+    if name in STRATEGIES:
+        fixed = ("ctx", "rate", "seed", "backend")
+        return {n: p for n, p in inspect.signature(STRATEGIES[name], eval_str=True).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in fixed}
+    from deltakit.methods import method_params
+
+    return method_params(name)  # KeyError lists the registered methods
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether a value typed on the command line fits a parameter's annotation (bool is never a number)."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if option is bool and isinstance(value, bool):
+            return True
+        if option in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return option is float or isinstance(value, int)
+        if option is str and isinstance(value, str):
+            return True
+    return False
+
+
+def check_method_spec(spec: MethodSpec, rates: Sequence[float]) -> None:
+    """Refuse, before anything loads, a method spec that cannot run at one of ``rates``.
+
+    Unknown parameters and values of the wrong type are refused for every method; a registry method is also run
+    once per rate on a small dummy delta, which applies exactly the checks a real point applies (e.g. DAREx-q's
+    ``1 - rate <= q <= 1``, structural's ``axis``).
+
+    Raises:
+        KeyError: an unknown method (the message lists the available ones).
+        ValueError: an unknown parameter, a value of the wrong type, or one out of range at some rate.
+    """
+    if spec.name in ("finetuned", "base"):
+        return
+    schema = _schema(spec.name)
+    for key, value in spec.params:
+        if key not in schema:
+            raise ValueError(f"{spec.label}: unknown parameter {key!r}; {spec.name} takes "
+                             f"{sorted(schema) or 'no parameters'} (written NAME:KEY=VALUE,KEY=VALUE).")
+        annotation = schema[key].annotation
+        if not _accepts(annotation, value):
+            shown = getattr(annotation, "__name__", None) or str(annotation).replace("torch.", "")
+            raise ValueError(f"{spec.label}: parameter {key} must be {shown}, got {value!r} "
+                             f"({type(value).__name__}); e.g. {spec.name}:{key}=<value>.")
+    if spec.name in STRATEGIES:
+        return
+    from deltakit.methods import get_method
+
+    dummy = torch.linspace(-1.0, 1.0, 16).reshape(4, 4)
+    for rate in rates:
+        try:
+            get_method(spec.name).fn(dummy, rate=rate, seed=0, name="check", **dict(spec.params))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{spec.label} cannot run at rate {rate:g}: {err}. Change the parameter or the "
+                             "rates.") from None
+
+
+def check_run_options(device: str, backend: str) -> torch.device:
+    """Refuse, before anything loads, a device or kernel backend this machine cannot use.
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: an unknown device string, a CUDA device without CUDA, or an unusable backend.
+        ImportError: ``backend="triton"`` without the triton package.
+    """
+    from deltakit.kernels import resolve_backend
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available on this machine; use device 'cpu'.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: deltakit runs on 'cpu' or 'cuda'.")
+    resolve_backend(backend, dev)
+    return dev
+
+
 def plan_points(methods: Sequence[str | MethodSpec], rates: Sequence[float], seeds: Sequence[int], *,
                 references: bool = True) -> list[tuple[MethodSpec, float, int]]:
     """The (method, rate, seed) points of a sweep, in run order; deterministic methods run the first seed only.
@@ -320,7 +420,12 @@ def plan_points(methods: Sequence[str | MethodSpec], rates: Sequence[float], see
     seeds = list(seeds)
     if not seeds:
         raise ValueError("no seeds given: pass e.g. seeds=[0, 1].")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise ValueError(f"seeds must be non-negative integers, got {bad}; pass e.g. seeds=[0, 1].")
     specs = [MethodSpec.parse(m) for m in methods]
+    for spec in specs:
+        check_method_spec(spec, rates)
     points: list[tuple[MethodSpec, float, int]] = []
     if references:
         points += [(MethodSpec("finetuned"), 0.0, seeds[0]), (MethodSpec("base"), 1.0, seeds[0])]
@@ -344,7 +449,9 @@ def sweep(
     preset: str = "mergelm_encoder",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    shared_rows: bool = False,
     out: str | Path | None = None,
+    wait: bool = False,
     device: str = "cpu",
     backend: str = "auto",
     references: bool = True,
@@ -366,11 +473,14 @@ def sweep(
         evaluator: ``model -> dict[str, float]``; default: classification on ``task`` / the family's own data.
         task / split / eval_limit: what the default evaluator reads (:func:`deltakit.evaluate.load_split`).
         preset / include / exclude: the prunable set.
-        out: folder of the resumable results store; None keeps results in memory only.
+        shared_rows: when vocabularies differ, prune the shared rows; extra rows keep fine-tuned values.
+        out: folder of the resumable results store (:class:`deltakit.store.ResultStore`); None keeps results in
+            memory only. The sweep holds the folder's writer lock while it runs.
+        wait: when another sweep is writing to ``out``, wait for it to finish instead of failing.
         device / backend: where the model lives; kernel backend (``auto`` uses Triton on CUDA).
         references: add the ``finetuned`` and ``base`` reference rows.
         progress: progress bar. cancel: an event checked between points (a cancelled sweep returns what it has).
-        on_point: called with the rows of each finished point (live plots).
+        on_point: called with the tidy rows of each finished point (live plots).
         resident: reuse an already loaded :class:`ResidentModel` (its models must be ``base``/``fine_tune``).
         search_evaluator: the labelled evaluator DAREx-q searches maximise (default: the task's ``validation``
             split, at most ``search_limit`` rows) -- never the test split.
@@ -383,53 +493,59 @@ def sweep(
 
     Raises:
         ValueError: bad rates, unknown method (KeyError), a model/task mismatch found before the first point.
+        deltakit.store.StoreError: ``out`` cannot be written (checked before any model loads), or a point could
+            not be appended (full disk); StoreLockedError: another sweep is writing to ``out`` and ``wait`` is
+            False.
     """
     points = plan_points(methods, rates, seeds, references=references)
-    base_s = base if isinstance(base, Snapshot) else resolve(base)
-    ft_s = fine_tune if isinstance(fine_tune, Snapshot) else resolve(fine_tune)
-    rm = resident or ResidentModel(base_s, ft_s, preset=preset, include=include, exclude=exclude, device=device)
-    ev = evaluator or default_evaluator(ft_s, rm.tokenizer, task=task, split=split, limit=eval_limit)
-    if hasattr(ev, "check_model"):
-        ev.check_model(rm.model)
-    ctx = SearchContext(
-        rm,
-        (lambda: search_evaluator) if search_evaluator is not None else
-        (lambda: default_evaluator(ft_s, rm.tokenizer, task=task, split="validation", limit=search_limit)),
-        (lambda: list(calibration_texts)) if calibration_texts is not None else
-        (lambda: _train_texts(ft_s, task)),
-    )
-    store = ResultStore(out) if out is not None else None
-    done = store.done_keys() if store else set()
-    common = dict(base=_snapshot_id(base_s), fine_tune=_snapshot_id(ft_s), preset=preset, include=list(include or []),
-                  exclude=list(exclude or []), evaluator=getattr(ev, "fingerprint", getattr(ev, "__qualname__", repr(ev))))
-    labels = dict(base=base_s.ref, fine_tune=ft_s.ref)
-
-    rows_out: list[dict] = [r for r in (store.rows() if store else []) if r["key"] in done]
-    bar = tqdm(total=len(points), desc="sweep", unit="point", disable=not progress)
-    keys = [_key(dict(common, method=s.name, params=s.params, rate=r, seed=sd)) for s, r, sd in points]
-    # The store may hold other sweeps' points too: return only this sweep's.
-    own = set(keys)
-    rows_out = [r for r in rows_out if r["key"] in own]
-    try:
-        for (spec, rate, seed), key in zip(points, keys):
-            if key in done:
+    check_run_options(device, backend)
+    prunable_selector(preset, include, exclude)  # an unknown preset or a bad regex fails before anything loads
+    # The store's checks and its writer lock come before any model loads: a bad or busy folder fails at once.
+    opened = ResultStore(out).writer(wait=wait) if out is not None else contextlib.nullcontext()
+    with opened as store:
+        base_s = base if isinstance(base, Snapshot) else resolve(base)
+        ft_s = fine_tune if isinstance(fine_tune, Snapshot) else resolve(fine_tune)
+        rm = resident or ResidentModel(base_s, ft_s, preset=preset, include=include, exclude=exclude,
+                                       shared_rows=shared_rows, device=device)
+        ev = evaluator or default_evaluator(ft_s, rm.tokenizer, task=task, split=split, limit=eval_limit)
+        if hasattr(ev, "check_model"):
+            ev.check_model(rm.model)
+        ctx = SearchContext(
+            rm,
+            (lambda: search_evaluator) if search_evaluator is not None else
+            (lambda: default_evaluator(ft_s, rm.tokenizer, task=task, split="validation", limit=search_limit)),
+            (lambda: list(calibration_texts)) if calibration_texts is not None else
+            (lambda: _train_texts(ft_s, task)),
+        )
+        common = dict(base=fingerprint(base_s), fine_tune=fingerprint(ft_s), preset=preset,
+                      include=list(include or []), exclude=list(exclude or []), shared_rows=shared_rows,
+                      evaluator=getattr(ev, "fingerprint", getattr(ev, "__qualname__", repr(ev))))
+        labels = dict(base=base_s.ref, fine_tune=ft_s.ref)
+        keys = [_key(dict(common, method=s.name, params=s.params, rate=r, seed=sd)) for s, r, sd in points]
+        # The store may hold other sweeps' points too: reuse and return only this sweep's.
+        own = set(keys)
+        stored = [r for r in (store.records() if store else []) if r["status"] == "ok" and r["key"] in own]
+        done = {r["key"] for r in stored}
+        rows_out = [row for r in stored for row in tidy_rows(r)]
+        bar = tqdm(total=len(points), desc="sweep", unit="point", disable=not progress)
+        try:
+            for (spec, rate, seed), key in zip(points, keys):
+                if key in done:
+                    bar.update(1)
+                    continue
+                if cancel is not None and cancel.is_set():
+                    break
+                record = dict(_run_point(ctx, ev, spec, rate, seed, backend=backend), key=key, **labels)
+                if store:
+                    store.append(record)
+                rows = tidy_rows(record)
+                rows_out.extend(rows)
+                if on_point is not None:
+                    on_point(rows)
                 bar.update(1)
-                continue
-            if cancel is not None and cancel.is_set():
-                break
-            rows = _run_point(ctx, ev, spec, rate, seed, backend=backend)
-            for r in rows:
-                r.update(key=key, **labels)
-            if store:
-                store.append(rows)
-            rows_out.extend(rows)
-            done.add(key)
-            if on_point is not None:
-                on_point(rows)
-            bar.update(1)
-    finally:
-        bar.close()
-        rm.restore()
+        finally:
+            bar.close()
+            rm.restore()
         if store:
             store.write_parquet()
     return pd.DataFrame(rows_out)
@@ -459,12 +575,15 @@ def _wanda_params(ctx: SearchContext) -> Callable[[str], dict[str, Any]]:
     return params_for
 
 
-def _run_point(ctx: SearchContext, ev, spec: MethodSpec, rate: float, seed: int, *, backend: str) -> list[dict]:
-    """Prepare one point (rewrite the prunable tensors), evaluate it, return its tidy rows (never raises)."""
+def _run_point(ctx: SearchContext, ev, spec: MethodSpec, rate: float, seed: int, *, backend: str) -> dict[str, Any]:
+    """Prepare one point (rewrite the prunable tensors), evaluate it, return its record (never raises).
+
+    The record is in :mod:`deltakit.store`'s format, less the key and model labels that the sweep adds.
+    """
     rm = ctx.rm
     params = dict(spec.params)
-    base_row = dict(method=spec.name, label=spec.label, params=json.dumps(params, default=str), rate=rate, seed=seed,
-                    q=math.nan, status="ok", error=None)
+    record = dict(method=spec.name, label=spec.label, params=json.dumps(params, default=str), q=math.nan, rate=rate,
+                  seed=seed, status="ok", error=None, prep_seconds=math.nan, eval_seconds=math.nan, metrics={})
     t0 = time.perf_counter()
     try:
         if spec.name == "finetuned":
@@ -473,21 +592,21 @@ def _run_point(ctx: SearchContext, ev, spec: MethodSpec, rate: float, seed: int,
             rm.set_base()
         elif spec.name in STRATEGIES:
             chosen = STRATEGIES[spec.name](ctx, rate=rate, seed=seed, backend=backend, **params)
-            base_row["q"] = chosen.q
-            base_row["params"] = json.dumps(dict(params, **chosen.record), default=str)
+            record["q"] = chosen.q
+            record["params"] = json.dumps(dict(params, **chosen.record), default=str)
             rm.apply("darex_q", rate=rate, seed=seed, backend=backend, params_for=chosen.params_for)
         else:
             params_for = _wanda_params(ctx) if spec.name == "wanda" and "act_norms" not in params else None
             rm.apply(spec.name, rate=rate, seed=seed, backend=backend, params_for=params_for, **params)
             if spec.name == "dare":
-                base_row["q"] = 1.0 - rate
+                record["q"] = 1.0 - rate
             elif "q" in params:
-                base_row["q"] = params["q"]
+                record["q"] = params["q"]
         prep = time.perf_counter() - t0
         t1 = time.perf_counter()
-        metrics = ev(rm.model)
+        metrics = {name: float(value) for name, value in ev(rm.model).items()}
         evs = time.perf_counter() - t1
     except Exception as err:  # a failed point is recorded and the sweep goes on
-        return [dict(base_row, metric=None, value=math.nan, status="failed", error=f"{type(err).__name__}: {err}",
-                     prep_seconds=time.perf_counter() - t0, eval_seconds=math.nan)]
-    return [dict(base_row, metric=m, value=float(v), prep_seconds=prep, eval_seconds=evs) for m, v in metrics.items()]
+        return dict(record, status="failed", error=f"{type(err).__name__}: {err}",
+                    prep_seconds=time.perf_counter() - t0)
+    return dict(record, prep_seconds=prep, eval_seconds=evs, metrics=metrics)

@@ -122,6 +122,23 @@ def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # datasets keeps its own copy of the switch
 
 
+@pytest.fixture(scope="session")
+def tiny_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DELTAKIT_HOME holding the built `tiny` family (built once per test session, in seconds)."""
+    from deltakit.families import build_family
+
+    home = tmp_path_factory.mktemp("deltakit-home")
+    build_family("tiny", home=home, progress=False)
+    return home
+
+
+@pytest.fixture
+def tiny(tiny_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """DELTAKIT_HOME points at the built tiny family for this test; returns the family folder."""
+    monkeypatch.setenv("DELTAKIT_HOME", str(tiny_home))
+    return tiny_home / "families" / "tiny"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked `gpu` when no CUDA device is present."""
     if not any(item.get_closest_marker("gpu") for item in items):

@@ -23,13 +23,22 @@ __all__ = ["BackgroundJob", "draw_into", "error_html", "parse_numbers", "report_
 class BackgroundJob:
     """Runs one function at a time in a daemon worker thread, with a fresh cancel event per run.
 
+    Nothing escapes the worker: an exception the work lets out goes to ``on_error``, which shows it in the widget.
+
+    Args:
+        name: the job's name, for messages and the thread's name.
+        on_error: shows an error in the widget (called from the worker, or at once when a run is refused).
+        busy: ``busy(True)`` before a run starts, ``busy(False)`` after it ended (e.g. to disable buttons).
+
     Attributes:
         thread: the last worker thread (None before the first run).
         cancel: the event of the current (or last) run; ``work`` should check it between steps.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, on_error: Callable[[Exception], None], busy: Callable[[bool], None]) -> None:
         self.name = name
+        self.on_error = on_error
+        self.busy = busy
         self.thread: threading.Thread | None = None
         self.cancel = threading.Event()
 
@@ -38,23 +47,35 @@ class BackgroundJob:
         """Whether a worker is alive."""
         return self.thread is not None and self.thread.is_alive()
 
-    def start(self, work: Callable[[threading.Event], None], *, blocking: bool = False) -> None:
-        """Run ``work(cancel_event)`` in a new worker thread.
+    def start(self, work: Callable[[threading.Event], None], *, blocking: bool = False) -> bool:
+        """Run ``work(cancel_event)`` in a new worker thread, unless a previous run is still going.
 
         Args:
-            work: the job; it must handle its own exceptions (a worker has nobody to raise to).
+            work: the job; what it raises is passed to ``on_error``.
             blocking: wait for the worker to finish (tests, scripts).
 
-        Raises:
-            RuntimeError: a previous run is still going (wait with :meth:`join` or cancel it first).
+        Returns:
+            Whether the run started; when a previous run is still going, ``on_error`` gets a RuntimeError instead.
         """
         if self.running:
-            raise RuntimeError(f"{self.name} is still running; cancel it or wait for it (join()) first.")
+            self.on_error(RuntimeError(f"{self.name} is still running; wait for it or cancel it, then try again."))
+            return False
         self.cancel = threading.Event()
-        self.thread = threading.Thread(target=work, args=(self.cancel,), name=f"deltakit-{self.name}", daemon=True)
+        self.busy(True)
+        self.thread = threading.Thread(target=self._run, args=(work, self.cancel), name=f"deltakit-{self.name}",
+                                       daemon=True)
         self.thread.start()
         if blocking:
             self.thread.join()
+        return True
+
+    def _run(self, work: Callable[[threading.Event], None], cancel: threading.Event) -> None:
+        try:
+            work(cancel)
+        except Exception as err:  # the worker has nobody to raise to: the widget shows it
+            self.on_error(err)
+        finally:
+            self.busy(False)
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the current worker (returns at once when none runs)."""
@@ -68,12 +89,14 @@ def error_html(message: str) -> str:
 
 
 def report_error(output: w.Output, err: BaseException) -> str:
-    """Append ``err`` to an Output area (stderr) and return its one-line text.
+    """Append ``err`` to an Output area (stderr) and return it as one line, ``"Type: message"``.
 
     ``Output.append_stderr`` sets the widget's ``outputs`` trait, which works from any thread (unlike
-    ``with output: print(...)``, which depends on the kernel routing the worker's output).
+    ``with output: print(...)``, which depends on the kernel routing the worker's output). A KeyError's message
+    is shown without the quotes its repr adds; line breaks in a message become spaces.
     """
-    text = f"{type(err).__name__}: {err.args[0] if isinstance(err, KeyError) and err.args else err}"
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    text = " ".join(f"{type(err).__name__}: {message}".split())
     output.append_stderr(text + "\n")
     return text
 

@@ -1,7 +1,9 @@
 """ModelPicker: choose a base and one fine-tune of it, find candidate fine-tunes, resolve both with errors in place.
 
 A thin shell over :func:`deltakit.hubsearch.find_finetunes` (the Hub's ``base_model:finetune:<id>`` filter, or the
-embedded families offline), :func:`deltakit.sources.resolve` and :func:`deltakit.pairing.pair_models`.
+embedded families offline), :func:`deltakit.sources.resolve`, :class:`deltakit.tensors.TensorReader` (each model's
+weight headers are read right after it is resolved, so a corrupt file is reported under its own field) and
+:func:`deltakit.pairing.pair_models`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import traitlets
 from deltakit.hubsearch import find_finetunes
 from deltakit.pairing import pair_models
 from deltakit.sources import FAMILY_PREFIX, Snapshot, resolve
+from deltakit.tensors import TensorReader
 from deltakit.widgets._common import BackgroundJob, error_html, report_error
 
 __all__ = ["ModelPicker", "join_ref", "split_ref"]
@@ -54,7 +57,7 @@ class ModelPicker(w.VBox):
 
     def __init__(self, base: str = "", fine_tune: str = "", *, search_limit: int = 20) -> None:
         self.search_limit = search_limit
-        self.job = BackgroundJob("model-picker")
+        self.job = BackgroundJob("model-picker", on_error=self._failed, busy=self._busy)
         self.base_snapshot: Snapshot | None = None
         self.fine_tune_snapshot: Snapshot | None = None
         self.pairing = None
@@ -114,6 +117,12 @@ class ModelPicker(w.VBox):
             self.fine_tune_revision.value = ft_rev
             self.fine_tune_id.value = ft_id
 
+    def _busy(self, busy: bool) -> None:
+        self.find_button.disabled = self.resolve_button.disabled = busy
+
+    def _failed(self, err: Exception) -> None:
+        self.status.value = error_html("failed: " + report_error(self.output, err))
+
     # --- actions --------------------------------------------------------------------------------------------
     def find(self, *, blocking: bool = False) -> None:
         """List fine-tunes of the base in ``candidates`` (Hub search, or the embedded families offline).
@@ -125,21 +134,20 @@ class ModelPicker(w.VBox):
             self.base_error.value = error_html("Type a base model first (org/name or family:FAMILY/base).")
             return
         base = self.base_ref
-        self.search_note.value = f"searching fine-tunes of <code>{html.escape(base)}</code> ..."
-        self.find_button.disabled = True
 
         def work(cancel: threading.Event) -> None:
+            self.search_note.value = f"searching fine-tunes of <code>{html.escape(base)}</code> ..."
             try:
-                self.search = find_finetunes(base, limit=self.search_limit)
-                rows = self.search.finetunes.to_dict("records")
-                self.candidates.options = [(_candidate_label(r), r["ref"]) for r in rows]
-                self.candidates.value = None
-                self.search_note.value = html.escape(self.search.note)
-            except Exception as err:  # shown in place: the worker has nobody to raise to
+                search = find_finetunes(base, limit=self.search_limit)
+            except Exception as err:  # the base is what the search could not use: say so under it
                 self.base_error.value = error_html(report_error(self.output, err))
                 self.search_note.value = ""
-            finally:
-                self.find_button.disabled = False
+                return
+            self.search = search
+            rows = search.finetunes.to_dict("records")
+            self.candidates.options = [(_candidate_label(r), r["ref"]) for r in rows]
+            self.candidates.value = None
+            self.search_note.value = html.escape(search.note)
 
         self.job.start(work, blocking=blocking)
 
@@ -160,33 +168,33 @@ class ModelPicker(w.VBox):
             field.value = error_html(f"Type a {name} model reference.")
         if missing:
             return
-        self.status.value = "resolving (an embedded family is built on first use; that can take minutes) ..."
-        self.resolve_button.disabled = True
 
         def work(cancel: threading.Event) -> None:
+            self.status.value = "resolving (an embedded family is built on first use; that can take minutes) ..."
+            loaded = [self._load(base_ref, self.base_error), self._load(ft_ref, self.fine_tune_error)]
+            if None in loaded:
+                self.status.value = "not resolved: see the messages under the fields."
+                return
+            (base, base_reader), (ft, ft_reader) = loaded
             try:
-                snaps = []
-                for ref, field in ((base_ref, self.base_error), (ft_ref, self.fine_tune_error)):
-                    try:
-                        snaps.append(resolve(ref))
-                    except Exception as err:
-                        field.value = error_html(report_error(self.output, err))
-                if len(snaps) < 2:
-                    self.status.value = "not resolved: see the messages under the fields."
-                    return
-                base, ft = snaps
-                try:
-                    pairing = pair_models(base, ft)
-                except Exception as err:
-                    self.fine_tune_error.value = error_html(report_error(self.output, err))
-                    self.status.value = "resolved, but the fine-tune does not pair with the base."
-                    return
-                self.base_snapshot, self.fine_tune_snapshot, self.pairing = base, ft, pairing
-                self.status.value = _pairing_summary(base, ft, pairing)
-            finally:
-                self.resolve_button.disabled = False
+                pairing = pair_models(base, ft, base_reader=base_reader, ft_reader=ft_reader)
+            except Exception as err:  # the fine-tune is measured against the base: say so under the fine-tune
+                self.fine_tune_error.value = error_html(report_error(self.output, err))
+                self.status.value = "resolved, but the fine-tune does not pair with the base."
+                return
+            self.base_snapshot, self.fine_tune_snapshot, self.pairing = base, ft, pairing
+            self.status.value = _pairing_summary(base, ft, pairing)
 
         self.job.start(work, blocking=blocking)
+
+    def _load(self, ref: str, field: w.HTML) -> tuple[Snapshot, TensorReader] | None:
+        """Resolve ``ref`` and read its weights' headers; on an error, show it under ``field`` and return None."""
+        try:
+            snapshot = resolve(ref)
+            return snapshot, TensorReader(snapshot.path)
+        except Exception as err:  # any library error (SourceError, CorruptCheckpointError, OSError, ...)
+            field.value = error_html(report_error(self.output, err))
+            return None
 
 
 def _candidate_label(row: dict) -> str:

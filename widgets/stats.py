@@ -54,7 +54,7 @@ class StatsDashboard(w.VBox):
                  stats_dir: str | Path = "", picker=None, max_rows: int = 25) -> None:
         self.max_rows = max_rows
         self.stats: DeltaStats | None = None
-        self.job = BackgroundJob("stats-dashboard")
+        self.job = BackgroundJob("stats-dashboard", on_error=self._failed, busy=self._busy)
 
         self.base = w.Text(value=base, description="base", layout=w.Layout(width="36em"))
         self.fine_tunes = w.Textarea(value="\n".join(fine_tunes), description="fine-tunes",
@@ -109,28 +109,22 @@ class StatsDashboard(w.VBox):
             self.status.value = "type a base and at least one fine-tune (one per line)."
             return
         out = self.stats_dir.value.strip()
-        self._busy(True)
-        self.progress.value, self.progress.max = 0, len(fts) + 2
 
         def work(cancel: threading.Event) -> None:
-            try:
-                snaps = []
-                for ref in [base, *fts]:
-                    self.status.value = f"resolving {ref} ..."
-                    snaps.append(resolve(ref))
-                    self.progress.value += 1
-                self.status.value = f"computing statistics of {len(fts)} fine-tune(s) ..."
-                stats = delta_stats(snaps[0], snaps[1:], progress=False)
-                if out:
-                    stats.save(out)
+            self.progress.value, self.progress.max = 0, len(fts) + 2
+            snaps = []
+            for ref in [base, *fts]:
+                self.status.value = f"resolving {ref} ..."
+                snaps.append(resolve(ref))
                 self.progress.value += 1
-                self.show(stats)
-                self.progress.value = self.progress.max
-                self.status.value = f"done: {len(stats.tensors)} tensor rows" + (f", saved to {out}" if out else "")
-            except Exception as err:
-                self.status.value = "failed: " + report_error(self.output, err)
-            finally:
-                self._busy(False)
+            self.status.value = f"computing statistics of {len(fts)} fine-tune(s) ..."
+            stats = delta_stats(snaps[0], snaps[1:], progress=False)
+            if out:
+                stats.save(out)
+            self.progress.value += 1
+            self.show(stats)
+            self.progress.value = self.progress.max
+            self.status.value = f"done: {len(stats.tensors)} tensor rows" + (f", saved to {out}" if out else "")
 
         self.job.start(work, blocking=blocking)
 
@@ -144,18 +138,12 @@ class StatsDashboard(w.VBox):
         if not folder:
             self.status.value = "type the folder to load statistics from in 'stats dir'."
             return
-        self._busy(True)
-        self.progress.value, self.progress.max = 0, 1
 
         def work(cancel: threading.Event) -> None:
-            try:
-                self.show(DeltaStats.load(folder))
-                self.progress.value = 1
-                self.status.value = f"loaded {folder}"
-            except Exception as err:
-                self.status.value = "failed: " + report_error(self.output, err)
-            finally:
-                self._busy(False)
+            self.progress.value, self.progress.max = 0, 1
+            self.show(DeltaStats.load(folder))
+            self.progress.value = 1
+            self.status.value = f"loaded {folder}"
 
         self.job.start(work, blocking=blocking)
 
@@ -191,6 +179,9 @@ class StatsDashboard(w.VBox):
 
     def _busy(self, busy: bool) -> None:
         self.compute_button.disabled = self.load_button.disabled = busy
+
+    def _failed(self, err: Exception) -> None:
+        self.status.value = "failed: " + report_error(self.output, err)
 
     def _on_model(self, change: dict) -> None:
         if self._drawing and self.stats is not None:

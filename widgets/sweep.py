@@ -20,7 +20,8 @@ import plotly.graph_objects as go
 from deltakit import plots
 from deltakit.darex_search import STRATEGIES
 from deltakit.methods import available_methods, get_method
-from deltakit.sweep import ResultStore, normalise_rates, plan_points, sweep
+from deltakit.store import ResultStore
+from deltakit.sweep import normalise_rates, plan_points, sweep
 from deltakit.widgets._common import BackgroundJob, parse_numbers, report_error
 
 __all__ = ["SweepPanel", "method_options"]
@@ -72,7 +73,7 @@ class SweepPanel(w.VBox):
         self.evaluator = evaluator
         self.sweep_options = dict(sweep_options or {})
         self.results = pd.DataFrame()
-        self.job = BackgroundJob("sweep-panel")
+        self.job = BackgroundJob("sweep-panel", on_error=self._failed, busy=self._busy)
         self._draw_lock = threading.Lock()
         self._redrawing = False
 
@@ -141,9 +142,6 @@ class SweepPanel(w.VBox):
         Args:
             blocking: wait for the sweep to finish (it runs in a worker thread).
         """
-        if self.job.running:
-            self.status.value = "a sweep is running: wait for it or press Cancel first."
-            return
         try:
             specs = [*self.methods.value, *self.method_specs.value.split()]
             if not specs:
@@ -154,7 +152,7 @@ class SweepPanel(w.VBox):
             if not base or not ft:
                 raise ValueError("type a base and a fine-tune model reference.")
             total = len(plan_points(specs, rates, seeds, references=self.sweep_options.get("references", True)))
-        except (ValueError, KeyError) as err:
+        except Exception as err:  # bad input (ValueError, KeyError, ...): say which, start nothing
             self.status.value = "not started: " + report_error(self.output, err)
             return
         out = self.out.value.strip() or None
@@ -164,12 +162,6 @@ class SweepPanel(w.VBox):
         else:
             kwargs.update(task=self.task.value.strip() or None, split=self.split.value,
                           eval_limit=self.eval_limit.value or None)
-        stored = ResultStore(out).frame() if out else pd.DataFrame()
-        self.show(stored)
-        self.progress.value, self.progress.max = 0, total
-        reuse = " (stored points are reused)" if len(stored) else ""
-        self.status.value = f"loading models; {total} points to run{reuse}"
-        self.run_button.disabled, self.cancel_button.disabled = True, False
         new_points = [0]
 
         def on_point(rows: list[dict]) -> None:
@@ -188,17 +180,17 @@ class SweepPanel(w.VBox):
                 report_error(self.output, err)
 
         def work(cancel: threading.Event) -> None:
-            try:
-                frame = sweep(base, ft, methods=specs, rates=rates, seeds=seeds, out=out, progress=False,
-                              cancel=cancel, on_point=on_point, **kwargs)
-                self.show(frame)
-                self.progress.value = total if not cancel.is_set() else self.progress.value
-                verb = "cancelled" if cancel.is_set() else "done"
-                self.status.value = f"{verb}: {new_points[0]} new point(s), {_n_points(frame)} point(s) shown"
-            except Exception as err:
-                self.status.value = "failed: " + report_error(self.output, err)
-            finally:
-                self.run_button.disabled, self.cancel_button.disabled = False, True
+            stored = ResultStore(out).frame() if out else pd.DataFrame()
+            self.show(stored)
+            self.progress.value, self.progress.max = 0, total
+            reuse = " (stored points are reused)" if len(stored) else ""
+            self.status.value = f"loading models; {total} points to run{reuse}"
+            frame = sweep(base, ft, methods=specs, rates=rates, seeds=seeds, out=out, progress=False,
+                          cancel=cancel, on_point=on_point, **kwargs)
+            self.show(frame)
+            self.progress.value = total if not cancel.is_set() else self.progress.value
+            verb = "cancelled" if cancel.is_set() else "done"
+            self.status.value = f"{verb}: {new_points[0]} new point(s), {_n_points(frame)} point(s) shown"
 
         self.job.start(work, blocking=blocking)
 
@@ -212,6 +204,12 @@ class SweepPanel(w.VBox):
         """Show sweep rows (e.g. a stored results folder) in the figure, and offer their metrics."""
         self.results = results.reset_index(drop=True)
         self._redraw()
+
+    def _busy(self, busy: bool) -> None:
+        self.run_button.disabled, self.cancel_button.disabled = busy, not busy
+
+    def _failed(self, err: Exception) -> None:
+        self.status.value = "failed: " + report_error(self.output, err)
 
     # --- drawing --------------------------------------------------------------------------------------------
     def _redraw(self) -> None:

@@ -365,11 +365,12 @@ def _build_finetune(
     labels = TASKS[spec.task]
     train_ds = read_split(data_folder, "train", task=spec.task)
     validation = read_split(data_folder, "validation", task=spec.task)
-    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    tokenizer = AutoTokenizer.from_pretrained(base_folder, trust_remote_code=False)
     history: list[float] = []
     with seeded(spec.recipe.seed):  # the classifier head's initialisation and dropout draw from this seed
         model, info = AutoModelForSequenceClassification.from_pretrained(
             base_folder,
+            trust_remote_code=False,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},

@@ -89,15 +89,18 @@ def _from_hub(config: MiniLMBaseConfig) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint from the HF cache or the Hub, or None (quickly) when neither has it."""
     from huggingface_hub import constants, hf_hub_download, is_offline_mode, snapshot_download
 
+    from deltakit.sources import bound_hub_requests
+
     patterns = list(REQUIRED_FILES + OPTIONAL_FILES)
     try:
         folder = Path(snapshot_download(config.hub_id, allow_patterns=patterns, local_files_only=True))
     except Exception:  # noqa: BLE001 - any cache miss means "try the next source"
         folder = None
     if folder is None and not is_offline_mode() and _reachable(constants.ENDPOINT, config.hub_timeout_s):
+        bound_hub_requests()  # a host that accepts and never answers: fail at the first timeout, not after retries
         try:
             # The HEAD request of one file pins the commit; the snapshot call then uses that commit, which skips its
-            # own repo_info request (that one has no timeout).
+            # own repo_info request (which huggingface_hub sends without a timeout).
             probe = Path(hf_hub_download(config.hub_id, "config.json", etag_timeout=config.hub_timeout_s))
             commit = probe.parent.name
             folder = Path(snapshot_download(config.hub_id, revision=commit, allow_patterns=patterns))

@@ -98,3 +98,39 @@ def test_different_architecture_refused(local_hub, published, tiny, hf_home):
     local_hub.commit(published["sentiment3"], {"config.json": json.dumps(config).encode()})
     with pytest.raises(PairingError, match="different architectures"):
         delta_stats(published["base"], [published["sentiment3"]], progress=False)
+
+
+@pytest.mark.parametrize(("files", "usable"), [
+    (("model.safetensors",), True),
+    (("model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"), True),
+    (("adapter_model.safetensors",), False),
+    (("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"), False),  # shards without their index
+    ((), False),
+], ids=["single", "sharded", "adapter-only", "shards-without-index", "none"])
+def test_resolve_accepts_exactly_what_the_reader_reads(tmp_path, files, usable):
+    import json
+
+    from safetensors.torch import save_file
+
+    from deltakit.tensors import CorruptCheckpointError, TensorReader
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    shards = [f for f in files if f.endswith(".safetensors")]
+    for i, name in enumerate(shards):
+        save_file({f"w{i}": torch.ones(2, 2)}, str(folder / name))
+    if "model.safetensors.index.json" in files:
+        index = {"metadata": {}, "weight_map": {f"w{i}": name for i, name in enumerate(shards)}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    if usable:
+        assert resolve(str(folder)).path == folder
+        assert len(TensorReader(folder)) == len(shards)
+        return
+    with pytest.raises((FileNotFoundError, CorruptCheckpointError)):
+        TensorReader(folder)
+    with pytest.raises(SourceError, match="model.safetensors") as err:
+        resolve(str(folder))
+    assert str(folder) in str(err.value)
+    if shards:  # the stray files are named, with what to do about them
+        assert str(shards) in str(err.value) and "rename it model.safetensors" in str(err.value)

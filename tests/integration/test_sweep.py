@@ -205,8 +205,9 @@ def test_sigkill_and_rerun_loses_and_repeats_nothing(tiny, tmp_path):
     lines_before = store.path.read_text().splitlines()
     finish = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert "DONE" in finish.stdout, finish.stderr[-2000:]
-    rows = [json.loads(x) for x in store.path.read_text().splitlines() if x.strip().startswith("{")]
-    keys = [r["key"] for r in rows]
-    assert len(keys) == len(set(keys)) == 10  # 8 rates + 2 references, each exactly once
+    records = [json.loads(x) for x in store.path.read_text().splitlines() if x.strip().startswith("{")]
+    keys = [r["key"] for r in records]
+    assert len(keys) == len(set(keys)) == 10  # one record per point: 8 rates + 2 references, each exactly once
+    assert all(r["status"] == "ok" and set(r["metrics"]) == {"accuracy"} for r in records)
     assert done_before <= set(keys)
     assert store.path.read_text().splitlines()[: len(lines_before)] == lines_before  # nothing rewritten

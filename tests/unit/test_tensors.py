@@ -30,6 +30,15 @@ def test_sharded_index_is_followed(tmp_path):
     assert torch.equal(r.read("encoder.layer.0.output.dense.weight"), sd["encoder.layer.0.output.dense.weight"])
 
 
+def test_files_lists_exactly_the_files_read(tmp_path):
+    single = TensorReader(write_checkpoint(tmp_path / "a", bert_like(0)))
+    assert single.files == [tmp_path / "a" / "model.safetensors"] and single.ignored_files == []
+    sharded = TensorReader(write_checkpoint(tmp_path / "b", bert_like(0), shards=3))
+    assert [f.name for f in sharded.files] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert {sharded.info(n).file for n in sharded.names()} == set(sharded.files)
+    assert sharded.ignored_files == []
+
+
 def test_missing_shard_is_reported(tmp_path):
     folder = write_checkpoint(tmp_path / "m", bert_like(3), shards=2)
     next(folder.glob("model-00002*")).unlink()

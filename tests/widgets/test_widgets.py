@@ -7,6 +7,7 @@ Outside a kernel, ipywidgets talks to a dummy comm, so widgets, observers, ``But
 from __future__ import annotations
 
 import math
+import threading
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -16,6 +17,7 @@ import torch
 from deltakit.methods import available_methods, get_method
 from deltakit.sweep import ResultStore
 from deltakit.widgets import ModelPicker, StatsDashboard, SweepPanel
+from deltakit.widgets._common import BackgroundJob
 from deltakit.widgets.sweep import method_options
 
 RATES = (0.2, 0.6, 0.9)
@@ -275,10 +277,42 @@ def test_panel_reports_failed_points_and_bad_input(bert_family):
     assert panel.status.value.startswith("not started") and "'abc' is not a number" in panel.status.value
     panel.rates.value = "0.5 1.5"
     panel.run()
-    assert "1.5 is outside [0, 1]" in panel.status.value
+    assert "not started" in panel.status.value and "1.5" in panel.status.value and "[0, 1]" in panel.status.value
     panel.rates.value = "0.5"
     panel.methods.value = ()
     panel.method_specs.value = "no_such_method"
     panel.run()
     assert "unknown pruning method 'no_such_method'" in panel.status.value
     assert panel.job.thread is not None and not panel.job.running  # none of these started a worker
+
+
+# --- every widget ---------------------------------------------------------------------------------------------
+def test_background_job_shows_what_the_work_raises_and_lets_nothing_escape(monkeypatch):
+    escaped, shown, busy = [], [], []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    job = BackgroundJob("test-job", on_error=shown.append, busy=busy.append)
+
+    def work(cancel):
+        raise AttributeError("'list' object has no attribute 'items'")
+
+    assert job.start(work, blocking=True)
+    assert [type(e) for e in shown] == [AttributeError] and busy == [True, False] and escaped == []
+
+
+def test_a_second_run_while_one_runs_is_refused_in_place(bert_family):
+    entered, release = threading.Event(), threading.Event()
+
+    def evaluator(model):
+        entered.set()
+        release.wait(60)
+        return {"accuracy": 0.5}
+
+    panel = SweepPanel(str(bert_family["base"]), str(bert_family["ft1"]), methods=["dare"], rates=(0.5,),
+                       seeds=(0,), evaluator=evaluator)
+    panel.run()
+    assert entered.wait(60)
+    panel.run()  # refused in the status, not raised
+    assert "still running" in panel.status.value and "cancel it" in panel.status.value
+    release.set()
+    panel.job.join(60)
+    assert panel.status.value.startswith("done"), panel.status.value
