@@ -37,7 +37,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from deltakit.kernels import apply as apply_mod  # noqa: E402
 from deltakit.kernels import stats as stats_mod  # noqa: E402
-from deltakit.stats import BINS_PER_DECADE, HIST_LOG10_LO, N_BINS  # noqa: E402
+from deltakit.kernels import triton_apply, triton_stats  # noqa: E402
+from deltakit.partials import BINS_PER_DECADE, HIST_LOG10_LO, N_BINS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = ("fp32", "fp16", "bf16")
@@ -51,8 +52,6 @@ def _variants() -> list[tuple[str, object, dict, dict, dict, bool]]:
     """
     apply_opts = {"num_warps": apply_mod._CUDA_WARPS, "enable_fp_fusion": False}
     stats_opts = {"num_warps": stats_mod._CUDA_WARPS, "enable_fp_fusion": False}
-    kernels = apply_mod._kernels()
-    stats_kernels = stats_mod._kernels()
     out: list[tuple[str, object, dict, dict, dict, bool]] = []
     for dt in DTYPES:
         for axis, axis_name in enumerate(apply_mod.AXES):
@@ -75,11 +74,11 @@ def _variants() -> list[tuple[str, object, dict, dict, dict, bool]]:
                 const = {"AXIS": axis, "PER_ROW_SCALE": per_row, "ROUND_BF16": dt == "bf16",
                          "BLOCK_SIZE": apply_mod._CUDA_BLOCK}
                 label = f"fused_apply[{dt}, axis={axis_name}, scale={'per-row' if per_row else 'scalar'}]"
-                out.append((label, kernels["fused_apply"], sig, const, apply_opts, True))
+                out.append((label, triton_apply.fused_apply_kernel, sig, const, apply_opts, True))
     for aligned in (True, False):
         sig = {"out_ptr": "*fp32", "n": "i64", "key": "i64", "offset": "i64", "ALIGNED": "constexpr",
                "BLOCK_SIZE": "constexpr"}
-        out.append((f"uniform[aligned={aligned}]", kernels["uniform"], sig,
+        out.append((f"uniform[aligned={aligned}]", triton_apply.uniform_kernel, sig,
                     {"ALIGNED": aligned, "BLOCK_SIZE": apply_mod._CUDA_BLOCK}, apply_opts, True))
     hist_bins = 1 << (N_BINS - 1).bit_length()
     for dt in DTYPES:
@@ -103,7 +102,7 @@ def _variants() -> list[tuple[str, object, dict, dict, dict, bool]]:
         }
         const = {"HIST_LO": float(HIST_LOG10_LO), "BINS_PER_DECADE": float(BINS_PER_DECADE), "N_BINS": N_BINS,
                  "HIST_BINS": hist_bins, "BLOCK_SIZE": stats_mod._CUDA_BLOCK}
-        out.append((f"delta_stats[{dt}]", stats_kernels["delta_stats"], sig, const, stats_opts, False))
+        out.append((f"delta_stats[{dt}]", triton_stats.delta_stats_kernel, sig, const, stats_opts, False))
     return out
 
 

@@ -2,7 +2,7 @@
 
 Baseline, per point: load the fine-tune with ``from_pretrained``, apply DARE with ``torch.bernoulli`` to every
 prunable tensor (base loaded once, outside the points), ``save_pretrained`` the pruned model, load it again,
-evaluate. deltakit: one :class:`deltakit.sweep.ResidentModel`; per point, rewrite the prunable tensors in place
+evaluate. deltakit: one :class:`deltakit.resident.ResidentModel`; per point, rewrite the prunable tensors in place
 and evaluate. Both evaluate with the same evaluator object on the same examples, so the comparison that matters
 is the per-point *preparation* time (everything except the evaluation forward passes); the end-to-end time
 (model loading included) is reported separately. One untimed warm-up (a model load and an evaluation) runs first.
@@ -41,7 +41,8 @@ def main() -> None:
     hf_logging.disable_progress_bar()
 
     from deltakit.sources import resolve
-    from deltakit.sweep import ResidentModel, default_evaluator
+    from deltakit.resident import ResidentModel
+    from deltakit.sweep import default_evaluator
 
     base, ft = resolve(f"family:{args.family}/base"), resolve(f"family:{args.family}/{args.member}")
     tokenizer = AutoTokenizer.from_pretrained(ft.path, trust_remote_code=False)

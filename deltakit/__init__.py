@@ -1,6 +1,6 @@
 """deltakit: what did fine-tuning change in a model, and how much of that change can be thrown away?
 
-The flow (DESIGN.md): a model reference resolves to a local snapshot (:mod:`deltakit.sources`), tensors are read
+The flow: a model reference resolves to a local snapshot (:mod:`deltakit.sources`), tensors are read
 lazily one at a time (:mod:`deltakit.tensors`), base and fine-tune are paired (:mod:`deltakit.pairing`), and the
 delta stream feeds statistics (:mod:`deltakit.stats`) and pruning methods (:mod:`deltakit.methods`).
 """
@@ -14,7 +14,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from deltakit.pairing import PRESETS, Pairing, PairingError, pair_models
-from deltakit.sources import Snapshot, SourceError, resolve
+from deltakit.sources import ModelRef, Snapshot, SourceError, resolve
 from deltakit.stats import DeltaStats, delta_stats
 from deltakit.tensors import CorruptCheckpointError, TensorReader
 
@@ -24,6 +24,7 @@ __all__ = [
     "PRESETS",
     "CorruptCheckpointError",
     "DeltaStats",
+    "ModelRef",
     "Pairing",
     "PairingError",
     "Snapshot",

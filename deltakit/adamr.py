@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deltakit.names import is_head
+
 __all__ = ["AdamR", "adamr_param_groups"]
 
 
@@ -189,21 +191,21 @@ class AdamR(torch.optim.Optimizer):
 def adamr_param_groups(
     model: nn.Module,
     base_state: dict[str, Tensor],
-    exclude: str | None = r".*classifier.*",
+    exclude: str | Callable[[str], bool] | None = is_head,
 ) -> tuple[list[nn.Parameter], list[Tensor | None]]:
     """Pair a model's trainable parameters with their pre-trained tensors, by name, for :class:`AdamR`.
 
     ``AdamR(*adamr_param_groups(model, base_state), weight_decay=...)`` pulls every parameter toward its
-    pre-trained value except those whose name matches ``exclude`` (by default the classifier head, which has
-    no meaningful pre-trained value) and those missing from ``base_state`` (e.g. a freshly initialised head).
+    pre-trained value except those ``exclude`` selects (by default the output head,
+    :func:`deltakit.names.is_head`, which has no meaningful pre-trained value) and those missing from ``base_state`` (e.g. a freshly initialised head).
 
     Args:
         model: the model being fine-tuned; only parameters with ``requires_grad`` are returned.
         base_state: pre-trained tensors keyed by the same names as ``model.named_parameters()`` (e.g. the
             base model's ``state_dict()``, or the fine-tune's initial state). Names must match exactly: strip
             or add a prefix such as ``bert.`` beforehand.
-        exclude: regex; parameters whose name it fully matches (``re.fullmatch``) get no pull. ``None``
-            excludes nothing.
+        exclude: a predicate on parameter names, or a regex they must fully match (``re.fullmatch``); the
+            parameters it selects get no pull. ``None`` excludes nothing.
 
     Returns:
         ``(params, pre_params)``: the trainable parameters in ``named_parameters()`` order and, per parameter,
@@ -213,10 +215,13 @@ def adamr_param_groups(
         ValueError: if a paired pre-trained tensor has a different shape from its parameter, or ``exclude`` is
             not a valid regex.
     """
-    try:
-        pattern = re.compile(exclude) if exclude is not None else None
-    except re.error as err:
-        raise ValueError(f"exclude={exclude!r} is not a valid regular expression: {err}.") from None
+    if isinstance(exclude, str):
+        try:
+            excluded = re.compile(exclude).fullmatch
+        except re.error as err:
+            raise ValueError(f"exclude={exclude!r} is not a valid regular expression: {err}.") from None
+    else:
+        excluded = exclude or (lambda name: False)
     params: list[nn.Parameter] = []
     pre_params: list[Tensor | None] = []
     for name, param in model.named_parameters():
@@ -224,7 +229,7 @@ def adamr_param_groups(
             continue
         params.append(param)
         pre = base_state.get(name)
-        if pre is None or (pattern is not None and pattern.fullmatch(name)):
+        if pre is None or excluded(name):
             pre_params.append(None)
             continue
         if pre.shape != param.shape:

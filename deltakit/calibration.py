@@ -2,8 +2,8 @@
 
 Two statistics per Linear input feature j, over all (non-padding) calibration tokens:
 
-* the mean activation x̄_j -- DAREx's analytical q uses c_ij = ΔW_ij · x̄_j (Deng et al. 2025, §5.3 of
-  dpp_methods.md: the reference code records the *mean*, not a norm);
+* the mean activation x̄_j -- DAREx's analytical q uses c_ij = ΔW_ij · x̄_j (Deng et al. 2025, arXiv:2410.09344:
+  the authors' code records the *mean*, not a norm);
 * the L2 norm ‖X_j‖₂ -- the WANDA score |ΔW_ij| · ‖X_j‖₂ (Sun et al. 2024).
 
 Sums are accumulated in fp64. Statistics are keyed by the Linear's *weight* tensor name

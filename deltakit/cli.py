@@ -60,17 +60,20 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from deltakit.spec import RunOptions, SweepSpec
+    from deltakit.summary import summarise
     from deltakit.sweep import sweep
 
-    df = sweep(args.base, args.fine_tune, methods=args.methods, rates=args.rates, seeds=args.seeds, task=args.task,
-               split=args.split, eval_limit=args.limit, preset=args.preset, include=args.include,
-               exclude=args.exclude, shared_rows=args.shared_rows, out=args.out, wait=args.wait, device=args.device,
-               backend=args.backend)
+    spec = SweepSpec(args.base, args.fine_tune, methods=args.methods, rates=args.rates, seeds=args.seeds,
+                     preset=args.preset, include=args.include, exclude=args.exclude, shared_rows=args.shared_rows,
+                     task=args.task, split=args.split, eval_limit=args.limit)
+    df = sweep(spec, RunOptions(device=args.device, backend=args.backend, out=args.out, wait=args.wait))
     ok = df[df["status"] == "ok"]
     if len(ok):
         metric = "accuracy" if "accuracy" in set(ok["metric"]) else ok["metric"].iloc[0]
-        table = ok[ok["metric"] == metric].groupby(["label", "rate"])["value"].agg(["mean", "std", "count"])
-        print(table.to_string(float_format=lambda x: f"{x:.4f}"))
+        table = summarise(df, metric)[["label", "rate", "mean", "std", "n_seeds", "q"]]
+        print(f"{metric}, mean over seeds:")
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"results: {args.out}/results.parquet")
     failed = df[df["status"] == "failed"]
     if len(failed):
@@ -84,14 +87,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from deltakit.demo import run_demo
+    import dataclasses
 
-    path = run_demo(args.out, family=args.family, eval_limit=args.limit)
+    from deltakit.demo import DEMO, FULL, run_demo
+
+    grid = FULL if args.full else DEMO
+    if args.limit is not None:
+        grid = dataclasses.replace(grid, eval_limit=args.limit)
+    path = run_demo(args.out, family=args.family, grid=grid)
     print(f"report: {path}")
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
+    from deltakit.methods import sweep_methods
+    from deltakit.spec import DEFAULT_METHODS, DEFAULT_PRESET, DEFAULT_RATES, DEFAULT_SEEDS
+
     parser = argparse.ArgumentParser(
         prog="deltakit",
         description="What did fine-tuning change, and how much of it can be thrown away? "
@@ -114,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("fine_tunes", nargs="+", metavar="FT", help="one or more fine-tunes of BASE")
     st.add_argument("--out", help="write parquet tables, summary.txt and summary.json here")
     st.add_argument("--json", action="store_true", help="print a machine-readable summary instead of text")
-    st.add_argument("--preset", default="mergelm_encoder", help="prunable-set preset (default: mergelm_encoder)")
+    st.add_argument("--preset", default=DEFAULT_PRESET, help=f"prunable-set preset (default: {DEFAULT_PRESET})")
     st.add_argument("--include", action="append", help="regex a prunable tensor must match (repeatable)")
     st.add_argument("--exclude", action="append", help="regex excluding tensors from the prunable set (repeatable)")
     st.add_argument("--shared-rows", action="store_true", help="compare shared leading rows when vocab sizes differ")
@@ -125,11 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="prune a fine-tune over methods x rates x seeds and evaluate every point")
     sw.add_argument("base")
     sw.add_argument("fine_tune")
-    sw.add_argument("--methods", nargs="+", default=["dare"],
-                    help="registry methods or DAREx-q strategies, NAME or NAME:KEY=VALUE,... (e.g. darex_q:q=0.2)")
-    sw.add_argument("--rates", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9, 0.99],
-                    help="pruning rates in [0, 1] (sorted and de-duplicated)")
-    sw.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    sw.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                    help=f"registry entries, NAME or NAME:KEY=VALUE,... (e.g. darex_q:q=0.2); available: "
+                         f"{', '.join(sweep_methods())}")
+    sw.add_argument("--rates", nargs="+", type=float, default=list(DEFAULT_RATES),
+                    help=f"pruning rates in [0, 1], sorted and de-duplicated (default: {' '.join(map(str, DEFAULT_RATES))})")
+    sw.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     sw.add_argument("--task", help="evaluation data: glue/TASK, a dataset id, a parquet/csv file "
                     "(default: the family member's own data)")
     sw.add_argument("--split", default="test", help="evaluation split (default: test)")
@@ -137,9 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default="deltakit-sweep", help="results folder (resumable)")
     sw.add_argument("--wait", action="store_true",
                     help="wait for another sweep writing to the same --out to finish instead of failing")
-    sw.add_argument("--preset", default="mergelm_encoder")
-    sw.add_argument("--include", action="append")
-    sw.add_argument("--exclude", action="append")
+    sw.add_argument("--preset", default=DEFAULT_PRESET, help=f"prunable-set preset (default: {DEFAULT_PRESET})")
+    sw.add_argument("--include", action="append", help="regex a prunable tensor must match (repeatable)")
+    sw.add_argument("--exclude", action="append", help="regex excluding tensors from the prunable set (repeatable)")
     sw.add_argument("--shared-rows", action="store_true",
                     help="when vocabularies differ, prune the shared rows (added rows keep fine-tuned values)")
     sw.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -149,7 +161,10 @@ def _parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="the main job: statistics, sweeps and an HTML report on the embedded family")
     de.add_argument("--out", default="deltakit-demo", help="output folder (index.html, results.parquet)")
     de.add_argument("--family", default="minilm-tweets", help="embedded family (tiny: a seconds-long smoke run)")
-    de.add_argument("--limit", type=int, default=400, help="test examples per evaluation (default 400)")
+    de.add_argument("--full", action="store_true",
+                    help="the fidelity study's larger grid (7 rates, the polarity member, 400 test examples): "
+                         "beyond the default's 10-minute budget")
+    de.add_argument("--limit", type=int, help="test examples per evaluation (default: 300, 400 with --full)")
     de.set_defaults(func=_cmd_demo)
     return parser
 

@@ -17,7 +17,7 @@ pure maths of that trade-off:
 * :func:`phi` (the Kearns–Saul constant) and :func:`analytical_q`, DAREx's per-layer analytical q with a tuned
   scalar ``η``;
 * :func:`q_for_tensor`, the rule that spreads per-layer q's over every tensor of a checkpoint;
-* :func:`two_stage_grid_search`, DAREx's coarse-then-fine search, used for a global q or for ``η``.
+* DAREx's coarse-then-fine search for a global q or ``η`` is :func:`deltakit.grid_search.two_stage_grid_search`.
 
 Every statistic is computed in fp64: the reference casts ``c`` to fp16 before squaring, and with ``c`` around
 1e-4 the squares fall into fp16's subnormal range, which biases ``Q``.
@@ -26,31 +26,30 @@ Every statistic is computed in fp64: the reference casts ``c`` to fp16 before sq
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from deltakit.grid_search import GRID_DECIMALS
+from deltakit.names import is_head
+
 __all__ = [
     "AnalyticalQ",
-    "GridSearchResult",
     "analytical_q",
     "error_moments",
     "influence",
     "optimal_q",
+    "q_in_range",
     "phi",
     "q_for_tensor",
-    "two_stage_grid_search",
 ]
 
 # Slack for float noise in range checks and grid rounding: 1 - 0.99 is 0.010000000000000009, and a user who
 # passes q = 0.01 at rate 0.99 means DARE, not "below 1 - rate".
 _EPS = 1e-9
-# Grid points are rounded to this many decimals so that keys like 0.06 do not become 0.060000000000000005.
-_GRID_DECIMALS = 10
-# Tensor names whose delta DAREx never rescales (the task head).
-_UNTOUCHED = ("classifier", "lm_head")
+#: Relative rounding slack of the q range (:func:`q_in_range`).
+Q_RTOL = 1e-6
 
 
 def _number(label: str, value: object) -> float:
@@ -129,6 +128,16 @@ def influence(delta_w: Tensor, x_mean: Tensor, delta_b: Tensor | None = None) ->
     return torch.cat([c, db.unsqueeze(1)], dim=1)  # (m, n + 1)
 
 
+def q_in_range(q: float | Tensor, rate: float) -> bool | Tensor:
+    """The one q range check: ``1 - rate <= q <= 1`` (element-wise for a tensor; NaN is never in range).
+
+    The slack is relative, :data:`Q_RTOL`: q = 1 - 0.9 in float64, or a float32 per-row q, may land a rounding error
+    below the exact bound and must still count as DARE's q. Where q divides (the moments here), q > 0 is required
+    on top; a pruning method at rate 1 keeps nothing, so its q is never used.
+    """
+    return (q >= (1.0 - rate) * (1.0 - Q_RTOL)) & (q <= 1.0 + Q_RTOL)
+
+
 def _check_q(q: float | Tensor, rate: float, n_rows: int) -> float | Tensor:
     """q must be positive and lie in [1 - rate, 1] (DARE .. no rescale); a tensor q has one value per row."""
     lo = 1.0 - rate
@@ -138,16 +147,14 @@ def _check_q(q: float | Tensor, rate: float, n_rows: int) -> float | Tensor:
             raise ValueError(
                 f"q has shape {tuple(q.shape)}; expected a scalar or ({n_rows},), one q per row of c."
             )
-        # A q stored in fp32/fp16 may sit just below 1 - rate only by its own rounding.
-        tol = max(_EPS, torch.finfo(q.dtype).eps) if q.is_floating_point() else _EPS
         qd = q.detach().to(torch.float64).reshape(-1)
-        ok = (qd >= lo - tol) & (qd <= 1.0 + tol) & (qd > 0)  # NaN fails every comparison
+        ok = q_in_range(qd, rate) & (qd > 0)  # NaN fails every comparison
         if not bool(ok.all()):
             row = int((~ok).nonzero()[0])
             raise ValueError(f"q contains {float(qd[row]):.6g} (entry {row}), outside {allowed}")
         return qd if q.ndim == 1 else qd[0]
     q = _number("q", q)
-    if not (lo - _EPS <= q <= 1.0 + _EPS and q > 0):
+    if not (q_in_range(q, rate) and q > 0):
         raise ValueError(f"q={q!r} is outside {allowed}")
     return q
 
@@ -267,7 +274,7 @@ def _analytical_grid(rate: float, q_max: float, step: float) -> list[float]:
     # truncates it to 0.099). q = 0 is unusable (1/q), so the first point is at least one step.
     k_lo = max(math.floor((1.0 - rate) / step + _EPS), 1)
     k_hi = math.floor(q_max / step + _EPS)
-    return [round(k * step, _GRID_DECIMALS) for k in range(k_lo, k_hi + 1)]
+    return [round(k * step, GRID_DECIMALS) for k in range(k_lo, k_hi + 1)]
 
 
 def analytical_q(
@@ -302,7 +309,7 @@ def analytical_q(
     Args:
         c: influence matrix, shape (rows, inputs), bias column included (see :func:`influence`).
         rate: fraction of delta entries dropped, in [0, 1).
-        eta: the tuned balance ``η > 0`` (searched with :func:`two_stage_grid_search`).
+        eta: the tuned balance ``η > 0`` (searched with :func:`deltakit.grid_search.two_stage_grid_search`).
         prob: confidence ``1 − γ`` of the bound, in (0, 1).
         stop_iter: fraction of rows that must be done to stop the scan, in (0, 1].
         q_max: last grid point, in (0, 1).
@@ -361,8 +368,8 @@ def q_for_tensor(name: str, layer_qs: dict[str, float]) -> float | None:
 
     Rules, first match wins:
 
-    1. a name containing ``classifier`` or ``lm_head`` is the task head: ``None`` (its delta is not pruned or
-       rescaled; it keeps its fine-tuned value);
+    1. the output head (:func:`deltakit.names.is_head`: classifier, score, lm_head) gets ``None`` (its delta is
+       not pruned or rescaled; it keeps its fine-tuned value);
     2. a name with its own entry in ``layer_qs`` (a Linear ``.weight`` with an activation record, BERT's pooler
        included) uses it;
     3. a bias ``<module>.bias`` uses the q of ``<module>.weight`` when that weight has one;
@@ -384,7 +391,7 @@ def q_for_tensor(name: str, layer_qs: dict[str, float]) -> float | None:
     Raises:
         ValueError: if the mean is needed but ``layer_qs`` is empty, or a q is not a positive finite number.
     """
-    if any(key in name for key in _UNTOUCHED):
+    if is_head(name):
         return None
     if name in layer_qs:
         return _valid_layer_q(name, layer_qs[name])
@@ -405,134 +412,3 @@ def _valid_layer_q(name: str, q: float) -> float:
     if not 0.0 < q <= 1.0:
         raise ValueError(f"layer_qs[{name!r}]={q!r} is outside (0, 1]; a rescale divisor q must be in (0, 1].")
     return q
-
-
-@dataclass(frozen=True)
-class GridSearchResult:
-    """Result of :func:`two_stage_grid_search`.
-
-    Attributes:
-        best_x: the evaluated point with the highest score (ties: the first evaluated).
-        best_score: its score.
-        evaluated: every distinct point evaluated, ``(x, score)`` in evaluation order (coarse pass first).
-        coarse_grid: the planned coarse grid (the scan may have stopped early).
-        fine_grid: the planned fine grid.
-        fine_step: the fine spacing, ``step · decay``.
-    """
-
-    best_x: float
-    best_score: float
-    evaluated: tuple[tuple[float, float], ...]
-    coarse_grid: tuple[float, ...]
-    fine_grid: tuple[float, ...]
-    fine_step: float
-
-
-def _arange(start: float, stop: float, step: float) -> list[float]:
-    """``np.arange(start, stop, step)`` in exact arithmetic: points ``start + k·step < stop``, rounded.
-
-    np.arange decides its length from a float division, so ``arange(0.1, 0.6, 0.1)`` may or may not include 0.6;
-    here a ratio within 1e-9 of an integer counts as that integer.
-    """
-    ratio = (stop - start) / step
-    n = round(ratio) if abs(ratio - round(ratio)) < _EPS else math.floor(ratio) + 1
-    return [round(start + k * step, _GRID_DECIMALS) for k in range(max(n, 0))]
-
-
-def two_stage_grid_search(
-    objective: Callable[[float], float],
-    *,
-    lo: float,
-    hi: float,
-    step: float,
-    decay: float = 0.1,
-    patience: int = 4,
-    encoder: bool = True,
-) -> GridSearchResult:
-    """DAREx's coarse-then-fine maximisation of a score over a positive scalar (a global q, or η).
-
-    1. Coarse pass over ``arange(lo, hi + step, step)`` (so the last point may pass ``hi``: lo=0.01, hi=0.1,
-       step=0.05 gives 0.01, 0.06, 0.11).
-    2. Fine pass with spacing ``step·decay`` around the coarse best ``q_b``, over
-       ``arange(max(lo + step·decay, q_b − step·(1−decay)), q_b + step, step·decay)`` for encoders; decoders use
-       the lower bound ``max(0, q_b − step·(1−decay))``. The upper end is exclusive, as in the reference
-       (``q_b + step`` is the next coarse point).
-
-    Each pass stops early after ``patience`` consecutive scores below the pass's best so far (the counter
-    resets on a score ``≥`` the best). The result is the argmax over **all** evaluated points.
-
-    Differences from the reference, none of which changes its answer for a deterministic objective: grid
-    points are computed as ``start + k·step`` rounded to 10 decimals (no float drift); a point already
-    evaluated is not re-evaluated, its score is reused (the reference re-runs e.g. ``q_b`` in the fine pass);
-    fine points ``≤ 0`` (reachable only with ``encoder=False``) are skipped, since neither q nor η can be 0;
-    a NaN score never counts as a best.
-
-    Args:
-        objective: maps a candidate to a score to maximise (e.g. validation accuracy, or minus the output
-            change). Called once per distinct grid point.
-        lo: first coarse point, > 0 (for q: ``1 − rate``, so DARE itself is the first candidate).
-        hi: last coarse point wanted, ``≥ lo``.
-        step: coarse spacing, > 0.
-        decay: fine spacing as a fraction of ``step``, in (0, 1).
-        patience: consecutive misses that end a pass, ≥ 1.
-        encoder: use the encoder's fine-pass lower bound (True) or the decoder's (False).
-
-    Returns:
-        A :class:`GridSearchResult`.
-
-    Raises:
-        ValueError: if an argument is out of range, or every score was NaN.
-    """
-    lo, hi = _number("lo", lo), _number("hi", hi)
-    step, decay = _number("step", step), _number("decay", decay)
-    if lo <= 0:
-        raise ValueError(f"lo={lo!r} must be > 0: the searched value (q or eta) divides or scales the delta.")
-    if hi < lo:
-        raise ValueError(f"hi={hi!r} is below lo={lo!r}; pass lo <= hi.")
-    if step <= 0:
-        raise ValueError(f"step={step!r} must be > 0.")
-    if not 0.0 < decay < 1.0:
-        raise ValueError(f"decay={decay!r} is outside (0, 1); the reference uses 0.1.")
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-        raise ValueError(f"patience={patience!r} must be an integer >= 1; the reference uses 4.")
-
-    scores: dict[float, float] = {}  # insertion order = evaluation order
-
-    def run_pass(points: list[float]) -> None:
-        best = -math.inf
-        misses = 0
-        for x in points:
-            if x not in scores:
-                scores[x] = float(objective(x))
-            score = scores[x]
-            if score >= best:  # False for NaN: a NaN is a miss
-                best = score
-                misses = 0
-            else:
-                misses += 1
-            if misses >= patience:
-                break
-
-    def argmax() -> tuple[float, float]:
-        finite = [(x, s) for x, s in scores.items() if not math.isnan(s)]
-        if not finite:
-            raise ValueError(f"every score was NaN at the points {list(scores)}; check the objective.")
-        return max(finite, key=lambda item: item[1])  # max keeps the first of equal scores
-
-    coarse = _arange(lo, hi + step, step)
-    run_pass(coarse)
-    q_b, _ = argmax()
-    fine_step = round(step * decay, _GRID_DECIMALS)
-    lower = q_b - step * (1.0 - decay)
-    lower = max(lo + step * decay, lower) if encoder else max(0.0, lower)
-    fine = [x for x in _arange(lower, q_b + step, fine_step) if x > 0]
-    run_pass(fine)
-    best_x, best_score = argmax()
-    return GridSearchResult(
-        best_x=best_x,
-        best_score=best_score,
-        evaluated=tuple(scores.items()),
-        coarse_grid=tuple(coarse),
-        fine_grid=tuple(fine),
-        fine_step=fine_step,
-    )

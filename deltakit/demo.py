@@ -1,41 +1,162 @@
-"""The main job: ``deltakit demo`` -- statistics, sweeps and an HTML report on the embedded family.
+"""The main job: ``deltakit demo`` -- statistics, sweeps and an HTML report on the embedded family, told as a story.
 
-Builds the members it needs if they are missing (once per machine), computes delta statistics of every fine-tune
-against the base, sweeps DARE and magnitude pruning on the standard fine-tune and DARE, DAREx-q (labelled global q
-search) and magnitude on the large-delta ``-hot`` member, over rates from 0.1 to 0.99 with two seeds, and writes
-``DIR/index.html`` (figures and tables) plus ``DIR/results.parquet`` and the statistics tables.
+The demo is planned so that something can be looked at early and everything fits a standing budget on a 2-core
+machine without a GPU (10 minutes from an empty cache, building included; a first result within 3):
+
+1. build the base and the standard fine-tune (``sentiment3``), compute its delta statistics, sweep DARE on it, and
+   write ``DIR/index.html`` -- the first result;
+2. build the large-delta fine-tune (``sentiment3-hot``), recompute the statistics for both, and sweep DARE,
+   DAREx-q (the labelled q search) and magnitude pruning on it -- where DARE collapses and DAREx-q recovers;
+3. sweep magnitude pruning on the standard fine-tune, for comparison.
+
+``index.html`` is rewritten after every finished method (reload it to follow), and the terminal prints one line
+per finding (a method's accuracy at the highest rate against the fine-tune). The run ends with one JSON line of
+its timings. ``full=True`` (CLI ``--full``) runs the larger grid of the fidelity study instead (seven rates, the
+``polarity`` member in the statistics, 400 test examples); it does not fit the budget. Every sweep is resumable:
+an interrupted demo resumes where it stopped, and a second run only rewrites the report.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from deltakit import plots
+from deltakit.methods import get_method, reference_methods
 from deltakit.report import write_html_report
-from deltakit.stats import delta_stats
+from deltakit.spec import RunOptions, SweepSpec
+from deltakit.stats import DeltaStats, delta_stats
+from deltakit.summary import summarise
 from deltakit.sweep import sweep
 
-__all__ = ["run_demo", "DEMO_RATES"]
-
-DEMO_RATES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
+__all__ = ["DEMO", "FULL", "DemoGrid", "run_demo"]
 
 
-def run_demo(out: str | Path = "deltakit-demo", *, family: str = "minilm-tweets",
-             rates: Sequence[float] = DEMO_RATES, seeds: Sequence[int] = (0, 1), eval_limit: int | None = 400,
-             search_limit: int | None = 128, progress: bool = True) -> Path:
-    """Run the demo and write the report.
+@dataclass(frozen=True)
+class DemoGrid:
+    """How big the demo is.
+
+    Attributes:
+        rates: the sweep rates (fractions of delta entries dropped).
+        seeds: mask seeds (two or more: every curve has a band over seeds).
+        eval_limit: test examples per evaluation (a fixed, seeded subset of the test split).
+        search_limit: validation examples per DAREx-q search evaluation.
+        extra_members: fine-tunes built only for the statistics (their deltas' similarity).
+    """
+
+    rates: tuple[float, ...]
+    seeds: tuple[int, ...] = (0, 1)
+    eval_limit: int | None = 300
+    search_limit: int | None = 96
+    extra_members: tuple[str, ...] = ()
+
+
+#: The default demo, sized for the budget (measured figures in the README).
+DEMO = DemoGrid(rates=(0.5, 0.9, 0.95, 0.99))
+#: ``--full``: the grid of the fidelity study.
+FULL = DemoGrid(rates=(0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99), eval_limit=400, search_limit=128,
+                extra_members=("polarity",))
+
+#: (member, method) in run order; the first is the first result. Each finished one rewrites the report.
+_PLAN = (("sentiment3", "dare"), ("sentiment3-hot", "dare"), ("sentiment3-hot", "darex_q_labelled"),
+         ("sentiment3-hot", "magnitude"), ("sentiment3", "magnitude"))
+
+
+class _Story:
+    """The demo's state: timings, findings, results and statistics so far; rewrites the report on demand."""
+
+    def __init__(self, out: Path, family: str, grid: DemoGrid, echo: Callable[[str], None]) -> None:
+        self.out, self.family, self.grid, self.echo = out, family, grid, echo
+        self.t0 = time.perf_counter()
+        self.timings = dict(build_s=0.0, stats_s=0.0, sweeps_s=0.0, first_result_s=None, total_s=None)
+        self.findings: list[str] = []
+        self.results: dict[str, pd.DataFrame] = {}
+        self.stats: DeltaStats | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def timed(self, what: str, work: Callable[[], object]) -> object:
+        t = time.perf_counter()
+        value = work()
+        self.timings[what] += time.perf_counter() - t
+        return value
+
+    def say(self, line: str) -> None:
+        self.echo(f"[{self.elapsed():5.0f} s] {line}")
+
+    def finding(self, member: str, label: str) -> None:
+        """One line: the method's mean accuracy at its highest rate, against the fine-tune and the base."""
+        table = summarise(self.results[member], "accuracy")
+        refs = {r.method: r.mean for r in table.itertuples() if r.method in reference_methods()}
+        rows = table[table["label"] == label]
+        top = rows.loc[rows["rate"].idxmax()]
+        info = get_method(top["method"])
+        q = f", q {top['q']:.3f}" if info.prepare and top["q"] == top["q"] else ""  # a searched q (not NaN)
+        line = (f"{member}: {info.pretty_name} at rate {top['rate']:g}: accuracy {top['mean']:.3f} over "
+                f"{int(top['n_seeds'])} seeds{q} (fine-tune {refs['finetuned']:.3f}, base {refs['base']:.3f})")
+        self.findings.append(line)
+        self.say(line)
+
+    def write(self) -> Path:
+        """Rewrite ``index.html`` with everything measured so far (atomically: a reload never sees half a file)."""
+        path = write_html_report(self.out / "index.html", title=f"deltakit demo: {self.family}",
+                                 sections=self._sections(), intro=self._intro())
+        if self.timings["first_result_s"] is None:
+            self.timings["first_result_s"] = round(self.elapsed(), 1)
+            self.say(f"first result: {path} (reload it as the demo goes on)")
+        return path
+
+    def _sections(self) -> list[tuple[str, object]]:
+        sections: list[tuple[str, object]] = [("Findings", "\n\n".join(self.findings) or "(measuring)")]
+        if self.stats is not None:
+            s = self.stats
+            sections += [("Delta statistics", s.overall[["model", "numel", "mean_abs", "max_abs", "rel_norm",
+                                                        "frac_below_0.005", "p99_abs"]]),
+                         ("|delta| distributions", plots.delta_histogram(s.histograms)),
+                         ("Where fine-tuning changed the model (sentiment3)",
+                          plots.layer_kind_heatmap(s.tensors, f"{self.family}/sentiment3"))]
+            if len(s.overall) > 1:
+                sections.append(("Similarity of the fine-tunes' deltas", plots.similarity_matrix(s.similarity)))
+        for member, results in self.results.items():
+            sections.append((f"Accuracy vs pruning rate: {member}", plots.metric_curves(
+                results, "accuracy", log_rate=True, interval="minmax",
+                title=f"{member}: accuracy vs pruning rate (mean, band from the lowest to the highest seed)")))
+            sections.append((f"Table: {member}", summarise(results, "accuracy")[
+                ["label", "rate", "mean", "std", "n_seeds", "q"]]))
+            if results["q"].notna().any() and (results["method"] == "darex_q_labelled").any():
+                sections.append((f"Rescale q chosen by DAREx-q ({member})", plots.q_vs_rate(results)))
+        return sections
+
+    def _intro(self) -> str:
+        g = self.grid
+        n_test = "all" if g.eval_limit is None else g.eval_limit
+        done = self.timings["total_s"] is not None
+        state = (f"Finished in {self.timings['total_s']:.0f} s (building the fine-tunes {self.timings['build_s']:.0f} s, "
+                 f"statistics {self.timings['stats_s']:.0f} s, sweeps {self.timings['sweeps_s']:.0f} s)." if done else
+                 f"Still running ({self.elapsed():.0f} s so far): reload this page to see the next results.")
+        return (f"Family {self.family}: base and fine-tunes built offline by deltakit. Each sweep point rewrites the "
+                f"prunable tensors of the resident model and evaluates accuracy on {n_test} test examples (a fixed "
+                f"seeded subset of the test split); DAREx-q searches q on {g.search_limit} validation examples. "
+                f"Seeds {list(g.seeds)}; the bands span the seeds' lowest to highest accuracy (with two seeds, the "
+                f"half-width of a 95% interval of the mean would be about nine standard deviations).\n\n{state}")
+
+
+def run_demo(out: str | Path = "deltakit-demo", *, family: str = "minilm-tweets", grid: DemoGrid = DEMO,
+             progress: bool = True, echo: Callable[[str], None] = print) -> Path:
+    """Run the demo, writing ``out/index.html`` early and rewriting it as each result comes in.
 
     Args:
         out: output folder (results are resumable: rerunning skips finished sweep points).
         family: the embedded family (``tiny`` for a seconds-long smoke run).
-        rates / seeds: the sweep grid.
-        eval_limit: test examples per evaluation (a fixed, seeded subset; None = the whole test split).
-        search_limit: validation examples per DAREx-q search evaluation.
+        grid: :data:`DEMO` (the default, within the budget) or :data:`FULL` (the fidelity grid), or your own.
         progress: progress bars.
+        echo: where the story lines and the final JSON line of timings go.
 
     Returns:
         The path of ``index.html``.
@@ -43,56 +164,33 @@ def run_demo(out: str | Path = "deltakit-demo", *, family: str = "minilm-tweets"
     from deltakit.families import build_family
 
     out = Path(out)
-    members = ["sentiment3", "polarity", "sentiment3-hot"]
-    t0 = time.perf_counter()
-    build_family(family, members=members, progress=progress)  # once per machine; instant when already built
-    t_build = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    base = f"family:{family}/base"
-    stats = delta_stats(base, [f"family:{family}/{m}" for m in members], progress=progress)
-    stats.save(out / "stats")
-    t_stats = time.perf_counter() - t0
-    frames = []
-    # Small deltas: DARE holds to 99% and magnitude does not. Large deltas: DARE collapses near 99%, DAREx-q's
-    # searched rescale recovers part of it, and magnitude does better (reports/fidelity.md has the full picture).
-    plans = [("sentiment3", ("dare", "magnitude")), ("sentiment3-hot", ("dare", "darex_q_labelled", "magnitude"))]
-    for member, methods in plans:
-        df = sweep(base, f"family:{family}/{member}", methods=methods, rates=rates, seeds=seeds,
-                   eval_limit=eval_limit, search_limit=search_limit, out=out / "sweeps" / member, progress=progress)
-        frames.append(df.assign(member=member))
+    story = _Story(out, family, grid, echo)
+    ref = f"family:{family}/{{}}".format
+    built: list[str] = []
+    for member, method in _PLAN:
+        if member not in built:  # build a member only when its turn comes: the first result does not wait
+            new = [member] + ([] if built else list(grid.extra_members))
+            story.say(f"building {', '.join(new)} (once per machine)")
+            story.timed("build_s", lambda: build_family(family, members=new, progress=progress))
+            built += new
+            story.stats = story.timed("stats_s", lambda: delta_stats(ref("base"), [ref(m) for m in built],
+                                                                    progress=progress))
+            story.stats.save(out / "stats")
+            story.say("delta statistics of " + ", ".join(built))
+        # One sweep per method, so that each finding is reported as soon as it is measured; the reference points
+        # are computed by the member's first sweep and found in its results store by the next ones.
+        spec = SweepSpec(ref("base"), ref(member), methods=[method], rates=grid.rates, seeds=grid.seeds,
+                         eval_limit=grid.eval_limit, search_limit=grid.search_limit)
+        rows = story.timed("sweeps_s", lambda: sweep(spec, RunOptions(out=out / "sweeps" / member,
+                                                                      progress=progress)))
+        story.results[member] = pd.concat([story.results.get(member), rows]).drop_duplicates(["key", "metric"])
+        story.finding(member, spec.methods[0].label)
+        story.write()
+    frames = [r.assign(member=m) for m, r in story.results.items()]
     results = pd.concat(frames, ignore_index=True)
     results.assign(params=results["params"].astype(str)).to_parquet(out / "results.parquet", index=False)
-    elapsed = time.perf_counter() - t0
-    n_test = "all" if eval_limit is None else eval_limit
-    overall = stats.overall[["model", "numel", "mean_abs", "max_abs", "rel_norm", "frac_below_0.005", "p99_abs"]]
-    sections: list[tuple[str, object]] = [
-        ("Delta statistics", overall),
-        ("|delta| distributions", plots.delta_histogram(stats.histograms)),
-        ("Where fine-tuning changed the model (sentiment3)",
-         plots.layer_kind_heatmap(stats.tensors, f"{family}/sentiment3")),
-        ("Similarity of the fine-tunes' deltas", plots.similarity_matrix(stats.similarity)),
-    ]
-    for member, _ in plans:
-        sub = results[results["member"] == member]
-        sections.append((f"Accuracy vs pruning rate: {member}",
-                         plots.metric_curves(sub, "accuracy", log_rate=True, interval="minmax",
-                                             title=f"{member}: accuracy vs pruning rate (mean, band from the lowest "
-                                                   f"to the highest seed)")))
-        sections.append((f"Table: {member}", _table(sub)))
-    sections.append(("Rescale q chosen by DAREx-q (sentiment3-hot)",
-                     plots.q_vs_rate(results[results["member"] == "sentiment3-hot"])))
-    intro = (f"Family {family}: base and fine-tunes built offline by deltakit. Each sweep point rewrites the prunable "
-             f"tensors of the resident model and evaluates accuracy on {n_test} test examples (a fixed seeded subset "
-             f"of the test split, chosen to keep the demo within minutes on 2 CPU cores); DAREx-q searches q on "
-             f"{search_limit} validation examples. Seeds {list(seeds)}; the bands span the seeds' lowest to "
-             f"highest accuracy (with two seeds, the half-width of a 95% interval of the mean would be about nine "
-             f"standard deviations). Statistics took {t_stats:.0f} s; statistics and sweeps {elapsed:.0f} s"
-             + (f" (building the family first took {t_build:.0f} s, once per machine)." if t_build >= 1 else "."))
-    return write_html_report(out / "index.html", title=f"deltakit demo: {family}", sections=sections, intro=intro)
-
-
-def _table(results: pd.DataFrame) -> pd.DataFrame:
-    ok = results[(results["status"] == "ok") & (results["metric"] == "accuracy")]
-    return (ok.groupby(["label", "rate"])
-            .agg(mean_accuracy=("value", "mean"), std=("value", "std"), seeds=("seed", "nunique"), q=("q", "mean"))
-            .reset_index())
+    story.timings["total_s"] = round(story.elapsed(), 1)
+    story.timings.update({k: round(v, 1) for k, v in story.timings.items() if k in ("build_s", "stats_s", "sweeps_s")})
+    path = story.write()
+    echo(json.dumps(story.timings))
+    return path

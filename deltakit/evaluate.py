@@ -20,10 +20,16 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from deltakit.sources import FAMILY_PREFIX, ModelRef
+
+if TYPE_CHECKING:
+    import datasets
 
 __all__ = ["GLUE_TASKS", "Evaluator", "ClassificationEvaluator", "PerplexityEvaluator", "classification_metrics",
            "load_split"]
@@ -207,12 +213,14 @@ class PerplexityEvaluator:
         return {"perplexity": math.exp(nll / count), "nll": nll / count}
 
 
-def load_split(source: str, split: str = "validation", *, limit: int | None = None, seed: int = 0):
+def load_split(source: str, split: str = "validation", *, limit: int | None = None,
+               seed: int = 0) -> datasets.Dataset:
     """Load one split of an evaluation dataset.
 
     Args:
-        source: ``family:FAMILY/MEMBER`` (the member's own task data), ``glue/TASK``, a Hub dataset id
-            (``org/name``, optionally ``org/name:config``), or a local ``.parquet`` / ``.csv`` / ``.json`` file.
+        source: ``family:FAMILY/MEMBER`` (the family's data for the member's own task, see
+            :meth:`deltakit.families.Family.task_of`), ``glue/TASK``, a Hub dataset id (``org/name``, optionally
+            ``org/name:config``), or a local ``.parquet`` / ``.csv`` / ``.json`` file.
         split: split name (GLUE: defaults to the task's test split, the official validation split).
         limit: keep a deterministic random subset of this many rows (seeded), for fast sweeps.
         seed: the subset's seed.
@@ -221,18 +229,16 @@ def load_split(source: str, split: str = "validation", *, limit: int | None = No
         A ``datasets.Dataset``.
 
     Raises:
-        ValueError: unknown GLUE task or unreadable source.
+        ValueError: unknown GLUE task or unreadable source; a malformed family reference (a SourceError).
+        KeyError: unknown family, member or split of an embedded family (the message lists the available ones).
     """
     import datasets
 
-    if source.startswith("family:"):
-        from deltakit.families.build import get_family
-        from deltakit.families.build import load_split as load_family_split
+    if source.startswith(FAMILY_PREFIX):
+        from deltakit.families import family_split, get_family
 
-        family, _, member = source[len("family:"):].partition("/")
-        fam = get_family(family)
-        task = fam.finetune(member).task if member != fam.base else fam.finetunes[0].task
-        ds = load_family_split(family, split, task=task)
+        ref = ModelRef.parse(source)
+        ds = family_split(ref.family, split, task=get_family(ref.family).task_of(ref.member))
     elif source.startswith("glue/"):
         task = source[len("glue/"):]
         if task not in GLUE_TASKS:

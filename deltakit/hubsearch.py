@@ -7,7 +7,7 @@ lists homologous candidates (same parent), which is what a delta (fine-tune minu
 *claimed* by the card: ``deltakit.pairing.pair_models`` still checks names and shapes before any delta is taken.
 
 Offline (``HF_HUB_OFFLINE`` set, or the endpoint unreachable or not answering within
-:func:`deltakit.sources.hub_timeouts`) there is no search to run, so the fine-tunes of the embedded families
+:func:`deltakit.hubhttp.hub_timeouts`) there is no search to run, so the fine-tunes of the embedded families
 (:mod:`deltakit.families`, built locally) are listed instead, and the result says why. A
 ``family:FAMILY/MEMBER`` base lists that family's fine-tunes without touching the network.
 
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from deltakit.sources import FAMILY_PREFIX, SourceError, _network_errors, _split_hub_ref, bound_hub_requests
+from deltakit.hubhttp import bound_hub_requests, hub_network_errors
+from deltakit.refs import ModelRef, SourceError
 
 __all__ = ["FinetuneSearch", "embedded_finetunes", "find_finetunes", "finetune_filter", "SORT_KEYS"]
 
@@ -81,8 +82,9 @@ def embedded_finetunes(family: str | None = None) -> pd.DataFrame:
         if family is not None and fam.name != family:
             continue
         for spec in fam.finetunes:
-            rows.append(dict(ref=f"{FAMILY_PREFIX}{fam.name}/{spec.name}", model_id=fam.model_id(spec.name),
-                             source="embedded", task=spec.task, downloads=None, likes=None, last_modified=None))
+            ref = ModelRef("family", family=fam.name, member=spec.name)
+            rows.append(dict(ref=str(ref), model_id=fam.model_id(spec.name), source="embedded", task=spec.task,
+                             downloads=None, likes=None, last_modified=None))
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -100,8 +102,9 @@ def find_finetunes(base: str, *, limit: int = 50, sort: str = "downloads") -> Fi
         without declared fine-tunes), not an error.
 
     Raises:
-        ValueError: ``base`` is neither a Hub repo id nor a family reference (e.g. a local folder: its fine-tunes
-            cannot be searched), ``limit`` outside 1..1000, or an unknown ``sort``.
+        ValueError: ``base`` is neither a Hub repo id nor a family reference (a malformed reference is a
+            SourceError; a local folder's fine-tunes cannot be searched), ``limit`` outside 1..1000, or an unknown
+            ``sort``.
         KeyError: a ``family:`` reference to an unknown family.
     """
     if not 1 <= int(limit) <= 1000:
@@ -109,14 +112,15 @@ def find_finetunes(base: str, *, limit: int = 50, sort: str = "downloads") -> Fi
     if sort not in SORT_KEYS:
         raise ValueError(f"sort={sort!r} is not a Hub sort order; use one of {', '.join(SORT_KEYS)}.")
     text = str(base).strip()
-    if text.startswith(FAMILY_PREFIX):
-        family = text[len(FAMILY_PREFIX):].partition("/")[0]
-        return FinetuneSearch(text, "embedded", embedded_finetunes(family),
-                              f"fine-tunes of the embedded family {family!r} (from the registry; no network needed).")
-    if text.startswith((".", "/", "~")):
+    ref = ModelRef.parse(text)  # SourceError (a ValueError) on a malformed reference
+    if ref.kind == "family":
+        return FinetuneSearch(text, "embedded", embedded_finetunes(ref.family),
+                              f"fine-tunes of the embedded family {ref.family!r} (from the registry; no network "
+                              "needed).")
+    if ref.kind == "local":
         raise ValueError(f"{text!r} is a local path: fine-tunes can only be searched for a Hub repo id (org/name) "
                          "or an embedded family (family:FAMILY/base).")
-    repo_id, _ = _split_hub_ref(text)  # SourceError (a ValueError) on a malformed id
+    repo_id = ref.repo_id
 
     from huggingface_hub import HfApi, constants
 
@@ -127,7 +131,7 @@ def find_finetunes(base: str, *, limit: int = 50, sort: str = "downloads") -> Fi
     bound_hub_requests()
     try:
         infos = list(HfApi().list_models(filter=finetune_filter(repo_id), sort=sort, limit=int(limit)))
-    except (SourceError, *_network_errors()) as err:  # SourceError: the Hub did not answer in time
+    except (SourceError, *hub_network_errors()) as err:  # SourceError: the Hub did not answer in time
         return FinetuneSearch(repo_id, "embedded", embedded_finetunes(),
                               f"the Hub at {constants.ENDPOINT} could not be reached ({type(err).__name__}: {err}); "
                               "these are the embedded families' fine-tunes (each of its own family base).")

@@ -7,7 +7,7 @@ element ``i`` of tensor ``name`` under global ``seed`` is defined by a counter-b
 (Salmon et al., 2011, "Parallel random numbers: as easy as 1, 2, 3"), exactly as Triton's ``tl.randint4x``
 computes it. An element is **kept iff u >= rate** (``rate`` = fraction dropped, rounded to float32 first).
 
-Layout (deltakit's documented choice, DESIGN decision 2: four numbers per Philox call). For a 64-bit key ``k``
+Layout (deltakit's choice: four numbers per Philox call, about 4x cheaper than one). For a 64-bit key ``k``
 and global element index ``j`` (``j = offset + i``)::
 
     c      = j // 4                               # 64-bit counter
@@ -47,8 +47,6 @@ __all__ = [
     "tensor_key",
     "uniform",
     "keep_mask",
-    "row_uniform",
-    "col_uniform",
     "matrix_shape",
     "check_rate",
 ]
@@ -168,34 +166,6 @@ def uniform(key: int, n: int, *, offset: int = 0, threads: int | None = None) ->
         for c_start in chunks:
             fill(c_start)
     return torch.from_numpy(out)
-
-
-def row_uniform(seed: int, name: str, n_rows: int) -> torch.Tensor:
-    """One uniform number per row of tensor ``name``: ``uniform(tensor_key(seed, name, "row"), n_rows)``.
-
-    Args:
-        seed: The global seed.
-        name: The tensor name.
-        n_rows: Number of rows (see :func:`matrix_shape`).
-
-    Returns:
-        A float32 CPU tensor of shape ``(n_rows,)``.
-    """
-    return uniform(tensor_key(seed, name, "row"), n_rows)
-
-
-def col_uniform(seed: int, name: str, n_cols: int) -> torch.Tensor:
-    """One uniform number per column of tensor ``name``: ``uniform(tensor_key(seed, name, "col"), n_cols)``.
-
-    Args:
-        seed: The global seed.
-        name: The tensor name.
-        n_cols: Number of columns (see :func:`matrix_shape`).
-
-    Returns:
-        A float32 CPU tensor of shape ``(n_cols,)``.
-    """
-    return uniform(tensor_key(seed, name, "col"), n_cols)
 
 
 def keep_mask(seed: int, name: str, shape: Sequence[int] | torch.Size, rate: float, *, axis: str = "element") -> torch.Tensor:

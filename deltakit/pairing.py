@@ -15,7 +15,7 @@ Checks, before any tensor data is read (headers only):
   tokens); any other shape difference (a LayerNorm of 64 vs 80) means the models are not homologous;
 * the card: a warning when the fine-tune's model card names a ``base_model`` other than the given base.
 
-Which paired tensors are *prunable* is a named preset, as in the papers (DESIGN.md decision 4), refined by
+Which paired tensors are *prunable* is a named preset, as in the papers (MergeLM for DARE, arXiv:2311.03099; DAREx, arXiv:2410.09344), refined by
 user include/exclude regexes. Excluded tensors keep their fine-tuned values bit for bit.
 """
 
@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from deltakit.sources import Snapshot
+from deltakit.names import MODULE_KINDS, is_head, layer_index, module_kind
+from deltakit.refs import Snapshot
 from deltakit.tensors import TensorReader
 
-__all__ = ["PRESETS", "Preset", "prunable_selector", "TensorPair", "Pairing", "PairingError", "pair_models", "module_kind",
-           "layer_index", "MODULE_KINDS"]
+__all__ = ["PRESETS", "Preset", "prunable_selector", "TensorPair", "Pairing", "PairingError", "pair_models",
+           "module_kind", "layer_index", "MODULE_KINDS"]
 
 
 class PairingError(ValueError):
@@ -42,60 +43,29 @@ class PairingError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """A named prunable set: a tensor is prunable iff it matches some ``include`` (or include is empty) and no
-    ``exclude`` regex (``re.fullmatch`` on the fine-tune's tensor name)."""
+    """A named prunable set: a tensor is prunable iff it matches some ``include`` (or include is empty), no
+    ``exclude`` regex (``re.fullmatch`` on the fine-tune's tensor name), and is not the output head unless
+    ``heads`` (:func:`deltakit.names.is_head`)."""
 
     name: str
     description: str
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    heads: bool = True
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("mergelm_encoder", "MergeLM encoders: every parameter except the classifier head",
-               exclude=(r".*classifier.*",)),
+        Preset("mergelm_encoder", "MergeLM encoders: every parameter except the classifier head", heads=False),
         Preset("mergelm_decoder", "MergeLM decoders: every parameter, embeddings and lm_head included"),
-        Preset("darex_encoder", "DAREx encoders: same as mergelm_encoder", exclude=(r".*classifier.*",)),
+        Preset("darex_encoder", "DAREx encoders: same as mergelm_encoder", heads=False),
         Preset("darex_decoder", "DAREx decoders: attention and MLP only; embeddings, norms, lm_head keep "
                "fine-tuned values", include=(r".*(mlp|self_attn).*",)),
     )
 }
 
-MODULE_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_in", "ffn_out", "embedding", "norm", "head", "other")
-
-# Order matters: the first matching rule wins (norms inside attention output blocks are norms, not attn_o).
-_KIND_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (kind, re.compile(pattern))
-    for kind, pattern in (
-        ("head", r"(^|\.)(classifier|lm_head|score|qa_outputs)(\.|$)"),
-        ("norm", r"(layer_?norm|LayerNorm|(^|\.)ln_\w*|(^|\.)norm(\.|$)|_norm(\.|$)|rms_?norm)"),
-        ("embedding", r"(embed|(^|\.)wte(\.|$)|(^|\.)wpe(\.|$))"),
-        ("attn_q", r"(\.query(\.|$)|q_proj|\.q_lin\.|\.wq\.)"),
-        ("attn_k", r"(\.key(\.|$)|k_proj|\.k_lin\.|\.wk\.)"),
-        ("attn_v", r"(\.value(\.|$)|v_proj|\.v_lin\.|\.wv\.)"),
-        ("attn_o", r"(attention\.output\.dense|o_proj|out_proj|attn\.c_proj|\.out_lin\.|\.wo\.)"),
-        ("ffn_in", r"(intermediate\.dense|up_proj|gate_proj|(^|\.)fc1(\.|$)|c_fc|lin1|w1|w3)"),
-        ("ffn_out", r"((^|\.)output\.dense|down_proj|(^|\.)fc2(\.|$)|mlp\.c_proj|lin2|w2)"),
-    )
-)
 _VOCAB_KINDS = ("embedding", "head")  # kinds whose dim 0 may be vocabulary rows (``shared_rows``)
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
-
-
-def module_kind(name: str) -> str:
-    """The module kind of a tensor name, one of :data:`MODULE_KINDS`."""
-    for kind, pattern in _KIND_RULES:
-        if pattern.search(name):
-            return kind
-    return "other"
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer block index parsed from a tensor name (``encoder.layer.3.`` -> 3), or None."""
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -211,7 +181,7 @@ def prunable_selector(preset: str, include: Sequence[str] | None = None,
                          "'.*classifier.*'.") from err
 
     def prunable(name: str) -> bool:
-        if inc and not any(r.fullmatch(name) for r in inc):
+        if (inc and not any(r.fullmatch(name) for r in inc)) or (not p.heads and is_head(name)):
             return False
         return not any(r.fullmatch(name) for r in exc)
 

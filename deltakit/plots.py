@@ -11,43 +11,13 @@ import math
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from scipy.stats import t as student_t
 
-__all__ = ["curve_data", "metric_curves", "delta_histogram", "layer_kind_heatmap", "similarity_matrix", "q_vs_rate"]
+from deltakit.methods import reference_methods
+from deltakit.summary import summarise
+
+__all__ = ["metric_curves", "delta_histogram", "layer_kind_heatmap", "similarity_matrix", "q_vs_rate"]
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
-
-
-def curve_data(results: pd.DataFrame, metric: str = "accuracy", interval: str = "ci95") -> pd.DataFrame:
-    """Mean and interval over seeds, per (method label, rate).
-
-    Args:
-        results: sweep rows (``label``, ``rate``, ``seed``, ``metric``, ``value``, ``status``).
-        metric: which metric.
-        interval: ``"ci95"`` (Student-t 95% interval of the mean over seeds: mean ± t(0.975, n-1) standard errors),
-            ``"minmax"`` or ``"std"``.
-
-    Returns:
-        Columns label, method, rate, mean, lo, hi, n_seeds (reference methods included).
-
-    Raises:
-        ValueError: unknown interval kind, or the metric is absent (the message lists those present).
-    """
-    if interval not in ("ci95", "minmax", "std"):
-        raise ValueError(f"interval={interval!r}; use 'ci95', 'minmax' or 'std'.")
-    ok = results[(results["status"] == "ok") & (results["metric"] == metric)]
-    if ok.empty:
-        raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].dropna().unique())}")
-    rows = []
-    for (label, method, rate), g in ok.groupby(["label", "method", "rate"], sort=True):
-        v = g["value"].to_numpy(dtype=float)
-        mean, n = float(v.mean()), len(v)
-        sd = float(v.std(ddof=1)) if n > 1 else 0.0
-        half = float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else 0.0
-        lo, hi = {"ci95": (mean - half, mean + half), "std": (mean - sd, mean + sd),
-                  "minmax": (float(v.min()), float(v.max()))}[interval]
-        rows.append(dict(label=label, method=method, rate=rate, mean=mean, lo=lo, hi=hi, n_seeds=n))
-    return pd.DataFrame(rows)
 
 
 def metric_curves(results: pd.DataFrame, metric: str = "accuracy", *, interval: str = "ci95",
@@ -58,7 +28,7 @@ def metric_curves(results: pd.DataFrame, metric: str = "accuracy", *, interval: 
     Args:
         results: sweep rows.
         metric: the metric on the y axis.
-        interval: see :func:`curve_data`.
+        interval: see :func:`deltakit.summary.summarise`.
         log_rate: x = kept fraction 1 - rate on a reversed log axis, which spreads out rates near 1 (0.9, 0.99, 0.999).
         title: figure title.
         figure: draw into this figure (e.g. a ``go.FigureWidget``), replacing its traces.
@@ -66,11 +36,12 @@ def metric_curves(results: pd.DataFrame, metric: str = "accuracy", *, interval: 
     Returns:
         The figure.
     """
-    data = curve_data(results, metric, interval)
+    data = summarise(results, metric, interval)
     fig = figure if figure is not None else go.Figure()
     traces: list[go.Scatter] = []
-    refs = data[data["method"].isin(["finetuned", "base"])]
-    curves = data[~data["method"].isin(["finetuned", "base"])]
+    references = reference_methods()
+    refs = data[data["method"].isin(list(references))]
+    curves = data[~data["method"].isin(list(references))]
 
     def xs(rate: pd.Series) -> np.ndarray:
         r = rate.to_numpy(dtype=float)
@@ -92,8 +63,10 @@ def metric_curves(results: pd.DataFrame, metric: str = "accuracy", *, interval: 
         x_all = xs((curves if len(curves) else data)["rate"])
         span = np.array([x_all.min(), x_all.max()])
         for _, r in refs.iterrows():  # horizontal reference lines as traces: they update with the data
-            traces.append(go.Scatter(x=span, y=[r["mean"], r["mean"]], mode="lines", name=f"{r['method']} ({r['mean']:.3f})",
-                                     line=dict(dash="dash", color="#444" if r["method"] == "finetuned" else "#aaa")))
+            dark = references[r["method"]].reference_rate == 0.0  # the fine-tune dark, the base light
+            traces.append(go.Scatter(x=span, y=[r["mean"], r["mean"]], mode="lines",
+                                     name=f"{r['method']} ({r['mean']:.3f})",
+                                     line=dict(dash="dash", color="#444" if dark else "#aaa")))
     with fig.batch_update():  # one update message for a FigureWidget
         fig.data = ()
         for t in traces:

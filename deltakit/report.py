@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from deltakit.fileio import write_atomically
+
 __all__ = ["write_html_report"]
 
 _STYLE = """
@@ -50,7 +52,8 @@ def write_html_report(path: str | Path, *, title: str, sections: Sequence[tuple[
         else:
             parts.append(_paragraphs(str(content)))
     parts.append("</body></html>")
-    path.write_text("\n".join(parts), encoding="utf-8")
+    text = "\n".join(parts)
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))  # a reload never sees half a file
     return path
 
 

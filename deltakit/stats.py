@@ -20,8 +20,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,150 +30,27 @@ import torch
 from tqdm.auto import tqdm
 
 from deltakit.fileio import json_default, write_atomically
+from deltakit.kernels import partials_triton, resolve_backend
 from deltakit.pairing import Pairing, TensorPair, pair_models
+from deltakit.partials import (
+    BINS_PER_DECADE,
+    HIST_LOG10_HI,
+    HIST_LOG10_LO,
+    N_BINS,
+    THRESHOLDS,
+    Partials,
+    hist_edges,
+    partials_torch,
+)
 from deltakit.sources import Snapshot, resolve
 from deltakit.tensors import TensorReader
 
 __all__ = ["Partials", "partials_torch", "DeltaStats", "delta_stats", "THRESHOLDS", "HIST_LOG10_LO",
            "HIST_LOG10_HI", "BINS_PER_DECADE", "N_BINS", "hist_edges"]
 
-THRESHOLDS = (0.002, 0.005, 0.01, 0.03)
-HIST_LOG10_LO = -10
-HIST_LOG10_HI = 1
-BINS_PER_DECADE = 100
-N_BINS = (HIST_LOG10_HI - HIST_LOG10_LO) * BINS_PER_DECADE
-
-
-def hist_edges() -> np.ndarray:
-    """The N_BINS + 1 bin edges of the |delta| histogram (the first bin also holds everything below 1e-10)."""
-    return 10.0 ** (HIST_LOG10_LO + np.arange(N_BINS + 1) / BINS_PER_DECADE)
-
-
-@dataclass
-class Partials:
-    """Additive sufficient statistics of one delta tensor (or of a sum of tensors).
-
-    Attributes:
-        count: finite entries. nonfinite: NaN/Inf entries. zeros: entries exactly 0.
-        sum, sumsq, sum3, sum4, sumabs: sums of d, d^2, d^3, d^4, |d| over finite entries (fp64).
-        absmax: max |d| over finite entries. base_sumsq: sum of base^2 (for the relative norm).
-        below: counts of finite |d| < each of :data:`THRESHOLDS`.
-        hist: counts of finite |d| in the log-spaced bins (:func:`hist_edges`).
-    """
-
-    count: int = 0
-    nonfinite: int = 0
-    zeros: int = 0
-    sum: float = 0.0
-    sumsq: float = 0.0
-    sum3: float = 0.0
-    sum4: float = 0.0
-    sumabs: float = 0.0
-    absmax: float = 0.0
-    base_sumsq: float = 0.0
-    below: np.ndarray = field(default_factory=lambda: np.zeros(len(THRESHOLDS), dtype=np.int64))
-    hist: np.ndarray = field(default_factory=lambda: np.zeros(N_BINS, dtype=np.int64))
-
-    def __add__(self, other: Partials) -> Partials:
-        out = Partials()
-        for f in fields(self):
-            a, b = getattr(self, f.name), getattr(other, f.name)
-            setattr(out, f.name, max(a, b) if f.name == "absmax" else a + b)
-        return out
-
-    def summary(self) -> dict[str, float]:
-        """The reported statistics (see the module docstring for definitions and precision)."""
-        n = self.count
-        out: dict[str, float] = {"numel": n + self.nonfinite, "nonfinite": self.nonfinite, "zeros": self.zeros}
-        mean = self.sum / n if n else math.nan
-        ex2 = self.sumsq / n if n else math.nan
-        var = max(ex2 - mean * mean, 0.0) if n else math.nan
-        m4 = (self.sum4 / n - 4 * mean * self.sum3 / n + 6 * mean**2 * ex2 - 3 * mean**4) if n else math.nan
-        out.update(
-            mean=mean,
-            std=math.sqrt(var) if n else math.nan,
-            mean_abs=self.sumabs / n if n else math.nan,
-            max_abs=self.absmax if n else math.nan,
-            l2=math.sqrt(self.sumsq),
-            base_l2=math.sqrt(self.base_sumsq),
-            rel_norm=math.sqrt(self.sumsq / self.base_sumsq) if self.base_sumsq > 0 else math.nan,
-            kurtosis=(m4 / var**2 - 3.0) if n and var > 0 else math.nan,
-        )
-        for t, c in zip(THRESHOLDS, self.below):
-            out[f"frac_below_{t:g}"] = c / n if n else math.nan
-        for q in (0.5, 0.9, 0.99):
-            out[f"p{round(q * 100)}_abs"] = self.quantile(q)
-        return out
-
-    def quantile(self, q: float) -> float:
-        """Quantile of |delta| from the histogram (geometric bin centre; 0 where the rank falls on exact zeros)."""
-        if self.count == 0:
-            return math.nan
-        rank = q * self.count
-        if rank <= self.zeros:
-            return 0.0
-        b = int(np.searchsorted(np.cumsum(self.hist), rank, side="left"))
-        b = min(b, N_BINS - 1)
-        return float(10.0 ** (HIST_LOG10_LO + (b + 0.5) / BINS_PER_DECADE))
-
-
-def partials_torch(base: torch.Tensor, ft: torch.Tensor, *, chunk: int = 1 << 20) -> Partials:
-    """Partials of ``d = ft - base`` (fp32 difference, fp64 sums): the reference the Triton kernel must match.
-
-    Args:
-        base: the pre-trained tensor (any float dtype, any device).
-        ft: the fine-tuned tensor, same shape.
-        chunk: entries per pass; the fp64 temporaries of one chunk bound the extra memory (~50 MB at 2^20).
-
-    Returns:
-        The partials.
-    """
-    b, f = base.detach().reshape(-1), ft.detach().reshape(-1)
-    total = _partials_chunk(b[:chunk], f[:chunk])
-    for start in range(chunk, b.numel(), chunk):
-        total = total + _partials_chunk(b[start:start + chunk], f[start:start + chunk])
-    return total
-
-
-def _partials_chunk(base: torch.Tensor, ft: torch.Tensor) -> Partials:
-    b32 = base.to(torch.float32)
-    d = ft.to(torch.float32) - b32
-    finite = torch.isfinite(d)
-    nonfinite = int((~finite).sum())
-    if nonfinite:
-        d = d[finite]
-    a = d.abs()
-    d64 = d.double()
-    a64 = d64.abs()
-    d2 = d64 * d64
-    # Bins from an fp64 log10, as the Triton kernel computes them, so both agree exactly.
-    bins = torch.floor((torch.log10(a64) - HIST_LOG10_LO) * BINS_PER_DECADE).clamp_(0, N_BINS - 1)
-    bins = torch.where(a == 0, torch.zeros_like(bins), bins).long()
-    b64 = b32.double()
-    return Partials(
-        count=int(d.numel()),
-        nonfinite=nonfinite,
-        zeros=int((d == 0).sum()),
-        sum=float(d64.sum()),
-        sumsq=float(d2.sum()),
-        sum3=float((d2 * d64).sum()),
-        sum4=float((d2 * d2).sum()),
-        sumabs=float(a64.sum()),
-        absmax=float(a.max()) if a.numel() else 0.0,
-        base_sumsq=float((b64 * b64).sum()),
-        below=np.array([int((a < t).sum()) for t in THRESHOLDS], dtype=np.int64),
-        hist=torch.bincount(bins, minlength=N_BINS).cpu().numpy().astype(np.int64),
-    )
-
-
 def _partials(base: torch.Tensor, ft: torch.Tensor) -> Partials:
-    if base.is_cuda:
-        from deltakit.kernels.apply import resolve_backend
-
-        if resolve_backend("auto", base.device) == "triton":
-            from deltakit.kernels.stats import partials_triton
-
-            return partials_triton(base, ft)
+    if resolve_backend("auto", base.device) == "triton":
+        return partials_triton(base, ft)
     return partials_torch(base, ft)
 
 
@@ -325,6 +202,7 @@ def delta_stats(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
     progress: bool = True,
+    on_progress: Callable[[int, int, str], None] | None = None,
 ) -> DeltaStats:
     """Compute delta statistics of one base and one or more fine-tunes, streaming one tensor at a time.
 
@@ -339,7 +217,10 @@ def delta_stats(
         topk: the fraction of entries per tensor in the top-|delta| sets compared across fine-tunes.
         device: where to compute (``"cuda"`` uses the Triton statistics kernel when available).
         allow_pickle: accept pickled weights (unsafe for untrusted models).
-        progress: show a progress bar.
+        progress: show a progress bar (tqdm.auto) over the bytes of all paired tensors, base and fine-tunes,
+            advanced after each tensor read; its postfix names the model and tensor just read.
+        on_progress: called after each tensor read with (bytes read so far, bytes to read in all,
+            ``"MODEL: TENSOR"``), for progress displays other than the bar (widgets).
 
     Returns:
         The statistics.
@@ -368,6 +249,27 @@ def delta_stats(
         for p in pairing.pairs:
             by_base.setdefault(p.base_name, []).append((i, p))
     order = [n for n in base_reader.names() if n in by_base]
+    dev = torch.device(device)
+
+    def nbytes(reader: TensorReader, name: str) -> int:
+        info = reader.info(name)  # header only; TensorInfo.nbytes is 0 for pickled weights, hence numel * itemsize
+        return info.numel * info.dtype.itemsize
+
+    total = sum(nbytes(base_reader, n) + sum(nbytes(ft_readers[i], p.name) for i, p in by_base[n]) for n in order)
+    done = 0
+    bar = tqdm(total=total, desc="delta stats", unit="B", unit_scale=True, disable=not progress)
+
+    def read(reader: TensorReader, name: str, model: str) -> torch.Tensor:
+        """Read one tensor onto ``dev``, then advance the progress by its bytes."""
+        nonlocal done
+        tensor = reader.read(name).to(dev)
+        size, current = nbytes(reader, name), f"{model}: {name}"
+        done += size
+        bar.set_postfix_str(current, refresh=False)
+        bar.update(size)
+        if on_progress is not None:
+            on_progress(done, total, current)
+        return tensor
 
     rows: list[dict] = []
     parts: dict[tuple[str, str, object], Partials] = {}
@@ -375,30 +277,30 @@ def delta_stats(
     hist_rows: dict[tuple[str, str], np.ndarray] = {}
     sims: dict[tuple[int, int], _PairStats] = {}
     sim_rows: list[dict] = []
-    dev = torch.device(device)
-    for base_name in tqdm(order, desc="delta stats", unit="tensor", disable=not progress):
-        entries = by_base[base_name]
-        base_t = base_reader.read(base_name).to(dev)
-        deltas: dict[int, torch.Tensor] = {}
-        for i, p in entries:
-            ft_t = ft_readers[i].read(p.name).to(dev)
-            b = base_t
-            if p.rows is not None:
-                b, ft_t = base_t[: p.rows], ft_t[: p.rows]
-            part = _partials(b, ft_t)
-            rows.append(dict(model=labels[i], tensor=p.name, base_tensor=base_name, kind=p.kind,
-                             layer=-1 if p.layer is None else p.layer, prunable=p.prunable, **part.summary()))
-            for key in ((labels[i], "layer", -1 if p.layer is None else p.layer), (labels[i], "kind", p.kind),
-                        (labels[i], "all", "all")):
-                parts[key] = parts.get(key, Partials()) + part
-                n_tensors[key] = n_tensors.get(key, 0) + 1
-            if len(entries) > 1:
-                deltas[i] = ft_t.to(torch.float32) - b.to(torch.float32)
-        for (i, da), (j, db) in itertools.combinations(sorted(deltas.items()), 2):
-            ps = _pair_stats(da, db, topk)
-            sims[(i, j)] = sims[(i, j)] + ps if (i, j) in sims else ps
-            sim_rows.append(dict(model_a=labels[i], model_b=labels[j], tensor=base_name, **ps.row()))
-        del deltas, base_t
+    with bar:
+        for base_name in order:
+            entries = by_base[base_name]
+            base_t = read(base_reader, base_name, base_snap.label)
+            deltas: dict[int, torch.Tensor] = {}
+            for i, p in entries:
+                ft_t = read(ft_readers[i], p.name, labels[i])
+                b = base_t
+                if p.rows is not None:
+                    b, ft_t = base_t[: p.rows], ft_t[: p.rows]
+                part = _partials(b, ft_t)
+                rows.append(dict(model=labels[i], tensor=p.name, base_tensor=base_name, kind=p.kind,
+                                 layer=-1 if p.layer is None else p.layer, prunable=p.prunable, **part.summary()))
+                for key in ((labels[i], "layer", -1 if p.layer is None else p.layer), (labels[i], "kind", p.kind),
+                            (labels[i], "all", "all")):
+                    parts[key] = parts.get(key, Partials()) + part
+                    n_tensors[key] = n_tensors.get(key, 0) + 1
+                if len(entries) > 1:
+                    deltas[i] = ft_t.to(torch.float32) - b.to(torch.float32)
+            for (i, da), (j, db) in itertools.combinations(sorted(deltas.items()), 2):
+                ps = _pair_stats(da, db, topk)
+                sims[(i, j)] = sims[(i, j)] + ps if (i, j) in sims else ps
+                sim_rows.append(dict(model_a=labels[i], model_b=labels[j], tensor=base_name, **ps.row()))
+            del deltas, base_t
 
     def rollup(scope: str, col: str) -> pd.DataFrame:
         out = []

@@ -41,7 +41,7 @@ from typing import Any
 
 import pandas as pd
 
-from deltakit.sources import Snapshot
+from deltakit.refs import Snapshot
 from deltakit.fileio import json_default, write_atomically
 from deltakit.tensors import TensorReader
 

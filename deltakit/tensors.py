@@ -20,12 +20,7 @@ refused before they are opened. The one exception is the Hugging Face cache: a s
 ``models--org--name/snapshots/<commit>/`` links its files to ``models--org--name/blobs/<hash>``, so links into that
 repo's ``blobs`` folder are followed.
 
-**Headers** are checked as strictly as the safetensors format defines them: an 8-byte little-endian length of at
-most 100,000,000 bytes that fits in the file; UTF-8 JSON that is an object starting with ``{``, with no duplicate
-keys and no NaN/Infinity; an optional ``__metadata__`` object of string -> string; every other entry an object
-with a known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets`` of exactly two integers with
-``0 <= begin <= end`` and ``end - begin == numel * itemsize``. Sorted by ``begin``, the tensors must tile the data
-section exactly: contiguous from 0, no gap, no shared bytes, ending at the end of the file.
+**Headers** are checked as strictly as the safetensors format defines them (:mod:`deltakit.safetensors_format`).
 
 **Errors** (:class:`CorruptCheckpointError`) say which kind of fault it is and what to do: a truncated file (fetch
 it again), a file that is not a valid safetensors file (refused: the rule it breaks is named), a file outside the
@@ -35,12 +30,11 @@ the safe unpickler refused. They name the file as given relative to the folder a
 Plain positioned reads (``os.preadv``) rather than a memory map keep the resident memory to one tensor at a time:
 pages of a memory-mapped file stay resident (and count in RSS) once touched, so mapping a 14 GB checkpoint would
 grow the process by 14 GB. No file stays open between calls. Tensors come back in their native dtype; callers do
-their maths in fp32 (DESIGN.md decision 3).
+their maths in fp32 and write back once in the model's dtype.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -50,171 +44,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
 
 import torch
+
+from deltakit.safetensors_format import (
+    MAX_HEADER,
+    CorruptCheckpointError,
+    Invalid,
+    Missing,
+    Outside,
+    Problem,
+    Refused,
+    Truncated,
+    load_json,
+    parse_header,
+    show,
+)
 
 __all__ = ["TensorInfo", "TensorReader", "CorruptCheckpointError"]
 
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 _PICKLE_FILES = ("pytorch_model.bin", "model.bin", "pytorch_model.pt")
-_MAX_HEADER = 100_000_000  # the safetensors format's limit on the header length
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "F8_E8M0": torch.float8_e8m0fnu, "C64": torch.complex64,
-}
-
-
-class CorruptCheckpointError(ValueError):
-    """A weights file cannot be used: truncated, not a valid safetensors file or index, outside the model folder,
-    of an unsupported dtype, or a pickle holding objects other than tensors. The message says which, and what to do.
-    """
-
-
-# -- the kinds of fault: each carries the wording of its error -------------------------------------------------------
-class _Problem(Exception):
-    """A fault in one file; ``str(self)`` is the detail, ``template`` the sentence around it."""
-
-    template: ClassVar[str] = "{file} cannot be read ({detail})."
-
-    def error(self, file: str, folder: Path) -> CorruptCheckpointError:
-        kind = ("safetensors index" if file.endswith(".json") else
-                "safetensors file" if file.endswith(".safetensors") else "state dict")
-        return CorruptCheckpointError(
-            "file " + self.template.format(file=f"{_show(file)} in {folder}", detail=self, kind=kind))
-
-
-class _Truncated(_Problem):
-    template = ("{file} is truncated or corrupt ({detail}): delete it (for a Hub model, delete its folder in the "
-                "Hugging Face cache or pass force_download) and fetch it again.")
-
-
-class _Missing(_Problem):
-    template = ("{file} is missing or incomplete ({detail}): fetch the complete checkpoint again; if this persists, "
-                "its index is wrong (tell its publisher).")
-
-
-class _Invalid(_Problem):
-    template = ("{file} is not a valid {kind} ({detail}): deltakit refuses it. The checkpoint is malformed or "
-                "hostile; fetching it again will not help, ask its publisher for one written by the safetensors "
-                "library.")
-
-
-class _Outside(_Problem):
-    template = ("{file} is refused ({detail}): weight files must be regular files inside the model folder. The "
-                "checkpoint is malformed or hostile; do not load it.")
-
-
-class _Unsupported(_Problem):
-    template = ("{file} cannot be read ({detail}): convert the checkpoint to a supported dtype (load it with "
-                "transformers and save_pretrained it), then retry.")
-
-
-class _Refused(_Problem):
-    template = ("{file} is refused by the safe (weights-only) unpickler: the file holds objects other than tensors; "
-                "deltakit will not load it ({detail}). Use a safetensors version of this model.")
-
-
-def _show(value: object, limit: int = 80) -> str:
-    """A value from a checkpoint as safe, bounded text (ASCII escapes, clipped) for an error message."""
-    text = ascii(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# -- pure parsing ------------------------------------------------------------------------------------------------------
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Invalid(f"key {_show(key)} appears twice")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> None:
-    raise _Invalid(f"{name} is not a JSON number")
-
-
-def _load_json(raw: bytes, what: str) -> Any:
-    """Parse JSON strictly: UTF-8, no duplicate keys, no NaN/Infinity (:func:`json.loads` accepts both)."""
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except _Problem:
-        raise
-    except UnicodeDecodeError:
-        raise _Invalid(f"{what} is not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise _Invalid(f"{what} is not valid JSON ({err.msg} at character {err.pos})") from None
-    except (ValueError, RecursionError):  # an integer of thousands of digits; nesting deeper than the stack
-        raise _Invalid(f"{what} is not valid JSON (a number too long or nesting too deep)") from None
-
-
-def _is_int(value: object) -> bool:
-    return type(value) is int  # bool is a subclass of int, and not a size
-
-
-def _entry(name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
-    """Validate one header entry; return (dtype, shape, begin, end) with offsets relative to the data section."""
-    tensor = f"tensor {_show(name)}"
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise _Invalid(f"{tensor} is not an object with dtype, shape and data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str):
-        raise _Invalid(f"{tensor} has a dtype that is not a string")
-    if dtype not in _DTYPES:
-        raise _Unsupported(f"{tensor} has dtype {_show(dtype)}; supported dtypes: {', '.join(_DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _Invalid(f"{tensor} has a shape that is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
-            and 0 <= offsets[0] <= offsets[1]):
-        raise _Invalid(f"{tensor} has data_offsets that are not two integers 0 <= begin <= end")
-    begin, end = offsets
-    if end - begin != math.prod(shape) * _DTYPES[dtype].itemsize:
-        raise _Invalid(f"{tensor} has a byte length that does not equal its number of elements times the "
-                       f"{dtype} item size")
-    return _DTYPES[dtype], tuple(shape), begin, end
-
-
-def _parse_header(raw: bytes, data_size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
-    """Validate a safetensors header against a data section of ``data_size`` bytes.
-
-    Args:
-        raw: the header bytes (after the 8-byte length).
-        data_size: the bytes that follow the header in the file.
-
-    Returns:
-        Tensor name -> (dtype, shape, begin, end), offsets relative to the data section, in header order.
-
-    Raises:
-        _Invalid: the header breaks a rule of the format (the message names it).
-        _Unsupported: a tensor's dtype is not one deltakit reads.
-        _Truncated: the data section is shorter than the header says.
-    """
-    header = _load_json(raw, "the header")
-    if not isinstance(header, dict):
-        raise _Invalid(f"the header is a JSON {type(header).__name__}, not an object")
-    if not raw.startswith(b"{"):
-        raise _Invalid("the header does not start with '{'")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _Invalid("__metadata__ is not an object of string -> string")
-    entries = {name: _entry(name, entry) for name, entry in header.items()}
-    expected = 0  # the tensors, sorted by offsets, must tile the data section
-    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
-        if begin != expected:
-            where = "inside the bytes of another tensor; tensors may not share bytes" if begin < expected else \
-                "after a gap of unused bytes"
-            raise _Invalid(f"tensor {_show(name)} starts {where}")
-        expected = end
-    if expected > data_size:
-        raise _Truncated("the file ends before the data of its last tensor")
-    if expected < data_size:
-        raise _Invalid("unused bytes follow the data of the last tensor")
-    return entries
 
 
 # -- files ------------------------------------------------------------------------------------------------------------
@@ -234,7 +85,7 @@ def _opened(path: Path) -> Iterator[int]:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Outside("it is not a regular file")
+            raise Outside("it is not a regular file")
         yield fd
     finally:
         os.close(fd)
@@ -247,7 +98,7 @@ def _pread(fd: int, size: int, offset: int, what: str) -> bytearray:
     while done < size:
         got = os.preadv(fd, [view[done:]], offset + done)
         if not got:
-            raise _Truncated(f"the file ends inside {what}")
+            raise Truncated(f"the file ends inside {what}")
         done += got
     return buf
 
@@ -349,13 +200,13 @@ class TensorReader:
         if not os.path.lexists(self.folder / _INDEX):
             return [], None, set()
         with self._blame(_INDEX):
-            index = _load_json(self._checked(_INDEX).read_bytes(), "the index")
+            index = load_json(self._checked(_INDEX).read_bytes(), "the index")
             if not isinstance(index, dict):
-                raise _Invalid(f"the index is a JSON {type(index).__name__}, not an object")
+                raise Invalid(f"the index is a JSON {type(index).__name__}, not an object")
             weight_map = index.get("weight_map")
             if not (isinstance(weight_map, dict) and weight_map
                     and all(isinstance(v, str) for v in weight_map.values())):
-                raise _Invalid("its weight_map is not a non-empty object of tensor name -> shard file name")
+                raise Invalid("its weight_map is not a non-empty object of tensor name -> shard file name")
         names = sorted(set(weight_map.values()))
         return names, weight_map, {_INDEX, *(os.path.normpath(n) for n in names)}
 
@@ -364,42 +215,42 @@ class TensorReader:
         """Turn a fault found in file ``name`` into its :class:`CorruptCheckpointError`."""
         try:
             yield
-        except _Problem as problem:
+        except Problem as problem:
             raise problem.error(name, self.folder) from None
 
     def _checked(self, name: str) -> Path:
         """The resolved path of file ``name`` (relative to the folder), checked before anything opens it."""
         root = os.path.abspath(self.folder)
         if os.path.isabs(name) or os.path.commonpath([root, os.path.normpath(os.path.join(root, name))]) != root:
-            raise _Outside("its name leads outside the model folder")
+            raise Outside("its name leads outside the model folder")
         try:
             path = (self.folder / name).resolve()
         except (OSError, RuntimeError):  # a symlink loop
-            raise _Outside("its symlinks cannot be resolved") from None
+            raise Outside("its symlinks cannot be resolved") from None
         if not any(path.is_relative_to(r) for r in self._roots):
-            raise _Outside("it is a link to a file outside the model folder")
+            raise Outside("it is a link to a file outside the model folder")
         try:
             mode = path.stat().st_mode
         except FileNotFoundError:
-            raise _Missing("it does not exist") from None
+            raise Missing("it does not exist") from None
         if not stat.S_ISREG(mode):
-            raise _Outside("it is not a regular file but a FIFO, device or folder")
+            raise Outside("it is not a regular file but a FIFO, device or folder")
         return path
 
     def _index_safetensors(self, name: str, weight_map: dict[str, str] | None) -> None:
         with self._blame(name), _opened(self._checked(name)) as fd:
             size = os.fstat(fd).st_size
             header_len = int.from_bytes(_pread(fd, 8, 0, "the 8-byte header length"), "little")
-            if header_len > _MAX_HEADER:
-                raise _Invalid(f"its header length exceeds the format's limit of {_MAX_HEADER:,} bytes")
+            if header_len > MAX_HEADER:
+                raise Invalid(f"its header length exceeds the format's limit of {MAX_HEADER:,} bytes")
             if header_len > size - 8:
-                raise _Truncated("the file ends inside its header")
-            entries = _parse_header(bytes(_pread(fd, header_len, 8, "its header")), size - 8 - header_len)
+                raise Truncated("the file ends inside its header")
+            entries = parse_header(bytes(_pread(fd, header_len, 8, "its header")), size - 8 - header_len)
             if weight_map is not None:
                 listed = [k for k, shard in weight_map.items() if shard == name]
                 if absent := [k for k in listed if k not in entries]:
-                    raise _Missing(f"it does not hold {len(absent)} of the tensors the index lists in it, e.g. "
-                                   f"{_show(absent[0])}")
+                    raise Missing(f"it does not hold {len(absent)} of the tensors the index lists in it, e.g. "
+                                   f"{show(absent[0])}")
                 entries = {k: entries[k] for k in entries if weight_map.get(k) == name}
         for key, (dtype, shape, begin, end) in entries.items():
             self._infos[key] = TensorInfo(key, dtype, shape, self.folder / name, 8 + header_len + begin, end - begin)
@@ -410,11 +261,11 @@ class TensorReader:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as err:  # torch's "Weights only load failed": a global it will not run
-                raise _Refused("torch.load(weights_only=True) raised UnpicklingError") from err
+                raise Refused("torch.load(weights_only=True) raised UnpicklingError") from err
             except Exception as err:  # torch raises several unrelated types for cut-off files
-                raise _Truncated(f"torch.load raised {type(err).__name__}") from err
+                raise Truncated(f"torch.load raised {type(err).__name__}") from err
             if not isinstance(state, dict):
-                raise _Invalid(f"it holds a {type(state).__name__}, not a dict of tensor name -> tensor")
+                raise Invalid(f"it holds a {type(state).__name__}, not a dict of tensor name -> tensor")
         self._eager = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         for key, t in self._eager.items():
             self._infos[key] = TensorInfo(key, t.dtype, tuple(t.shape), self.folder / name)
@@ -448,7 +299,7 @@ class TensorReader:
         if not info.nbytes:
             return torch.empty(info.shape, dtype=info.dtype)
         with self._blame(str(info.file.relative_to(self.folder))), _opened(info.file) as fd:
-            buf = _pread(fd, info.nbytes, info.start, f"tensor {_show(name)}")
+            buf = _pread(fd, info.nbytes, info.start, f"tensor {show(name)}")
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def __len__(self) -> int:

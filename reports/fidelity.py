@@ -4,7 +4,7 @@
 
 Writes ``reports/fidelity.md`` (the table, with seeds and 95% intervals, and a plain verdict per claim) and
 ``reports/fidelity-results.parquet`` (every sweep row). Sweep results are cached under ``reports/.fidelity-runs``
-(resumable: a rerun only computes missing points). Claims (dpp_methods.md §4.4, §10, §12):
+(resumable: a rerun only computes missing points). Claims (DARE, arXiv:2311.03099; DAREx, arXiv:2410.09344):
 
 (a) SFT deltas are small: most entries below 0.005 (lr 5e-5 members) -- "within 0.005" (MergeLM README).
 (b) DARE keeps accuracy up to about 90% drop on an SFT fine-tune.
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from deltakit.plots import curve_data
+from deltakit.spec import RunOptions, SweepSpec
 from deltakit.stats import delta_stats
+from deltakit.summary import summarise
 from deltakit.sweep import sweep
 
 FAMILY = "minilm-tweets"
@@ -34,7 +35,7 @@ def _member(name: str) -> str:
 
 
 def _has_member(name: str) -> bool:
-    from deltakit.families.build import get_family
+    from deltakit.families import get_family
 
     return name in get_family(FAMILY).members
 
@@ -60,7 +61,7 @@ def main() -> None:
     t0 = time.perf_counter()
     members = ["sentiment3", "polarity", "sentiment3-hot"] + (["sentiment3-adamr"] if _has_member("sentiment3-adamr") else [])
     stats = delta_stats(base, [_member(m) for m in members], progress=True)
-    common = dict(seeds=args.seeds, eval_limit=args.limit, search_limit=args.search_limit, progress=True)
+    common = dict(seeds=args.seeds, eval_limit=args.limit, search_limit=args.search_limit)
     darex = ["darex_q_labelled", "darex_q_unlabelled"]
     s3_rates = [0.5, 0.7, 0.9, 0.95, 0.99, 0.995, 0.999]  # past 0.99 to find where DARE collapses on small deltas
     hot_rates = [0.3, 0.5, 0.7, 0.9, 0.95, 0.99]
@@ -74,12 +75,13 @@ def main() -> None:
     frames = []
     for i, (member, methods, rates) in enumerate(plans):
         first = all(m != member for m, _, _ in plans[:i])  # reference rows once per member
-        df = sweep(base, _member(member), methods=methods, rates=rates, out=runs / member, references=first, **common)
+        spec = SweepSpec(base, _member(member), methods=methods, rates=rates, references=first, **common)
+        df = sweep(spec, RunOptions(out=runs / member))
         frames.append(df.assign(member=member))
     results = pd.concat(frames, ignore_index=True)
     results.assign(params=results["params"].astype(str)).to_parquet(out / "fidelity-results.parquet", index=False)
     swept = list(dict.fromkeys(m for m, _, _ in plans))
-    curves = {m: curve_data(results[results["member"] == m], "accuracy") for m in swept}
+    curves = {m: summarise(results[results["member"] == m], "accuracy") for m in swept}
 
     def acc(member: str, label: str, rate: float) -> pd.Series:
         c = curves[member]

@@ -45,18 +45,20 @@ os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 _no_proxy = [h for h in os.environ.get("NO_PROXY", "").split(",") if h] + ["127.0.0.1", "localhost"]
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(dict.fromkeys(_no_proxy))
 
-# Tests import `deltakit` from the checkout even when it is not installed.
+# Tests import `deltakit` from the checkout even when it is not installed, and the test-only Hub server as
+# `tests.hubserver` (it is not part of the package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deltakit.testing.hub import LocalHub  # noqa: E402 - must follow the environment set-up above
+from tests.hubserver import LocalHub  # noqa: E402 - must follow the environment set-up above
 
-# Importing deltakit runs deltakit/__init__.py. Had it (or a pytest plugin) imported a Hugging Face library already,
-# that library would have read HF_ENDPOINT before it is set below and would talk to huggingface.co instead.
+# Had a pytest plugin or the repository's conftest.py imported a Hugging Face library already, that library would
+# have read HF_ENDPOINT before it is set below and would talk to huggingface.co instead.
 _imported_too_early = [name for name in ("huggingface_hub", "transformers", "datasets") if name in sys.modules]
 if _imported_too_early:
     raise RuntimeError(
         f"{_imported_too_early} were imported before tests/conftest.py set HF_ENDPOINT; keep module-level imports "
-        "of huggingface_hub, transformers and datasets out of deltakit/__init__.py (import them inside functions)."
+        "of huggingface_hub, transformers and datasets out of conftest.py files and of what they import (import "
+        "them inside functions)."
     )
 
 LOCAL_HUB = LocalHub()
@@ -139,8 +141,16 @@ def tiny(tiny_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tiny_home / "families" / "tiny"
 
 
+# The `fast` tier (`python -m pytest -m fast`, well under a minute on 2 cores) for the edit-test loop: pure functions
+# on synthetic tensors, no family to build, no model to download.
+_FAST = (Path(__file__).parent / "unit", Path(__file__).parent / "hostile" / "test_hostile_reader.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked `gpu` when no CUDA device is present."""
+    """Mark the `fast` tier by path; skip tests marked `gpu` when no CUDA device is present."""
+    for item in items:
+        if any(item.path == fast or fast in item.path.parents for fast in _FAST):
+            item.add_marker(pytest.mark.fast)
     if not any(item.get_closest_marker("gpu") for item in items):
         return
     import torch  # lazily: collecting CPU-only tests must not pay for importing torch

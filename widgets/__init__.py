@@ -7,6 +7,9 @@
 - :class:`SweepPanel`: methods from the registry, rates, seeds, evaluation data, Run / Cancel; the metric-versus-rate
   curve grows point by point while the sweep runs in a worker thread.
 
+A dashboard or panel takes its models as references or as resolved ``Snapshot``s; built with ``picker=``, it
+follows the picker's fields and uses the snapshots the picker resolved, so no model is resolved twice.
+
 Each is an ``ipywidgets.VBox``: display it as a cell's last expression. Long work runs in a worker thread; pass
 ``blocking=True`` to ``find`` / ``resolve`` / ``compute`` / ``load`` / ``run`` (or call ``widget.job.join()``) to wait.
 This package lives in the repository's top-level ``widgets/`` folder and is installed as ``deltakit.widgets``

@@ -1,4 +1,5 @@
-"""What every deltakit widget shares: one background job at a time, errors shown in place, figures redrawn in place.
+"""What every deltakit widget shares: one background job at a time, errors shown in place, figures redrawn in place,
+and the snapshots already resolved (handed in, or by a ModelPicker), so that no model is resolved twice.
 
 Long work (resolving or building models, statistics, sweeps) runs in a worker thread so that the kernel keeps
 processing widget messages -- a Cancel click must arrive while a sweep runs. The worker only sets widget traits
@@ -12,12 +13,19 @@ from __future__ import annotations
 import html
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import ipywidgets as w
 import plotly.graph_objects as go
 
-__all__ = ["BackgroundJob", "draw_into", "error_html", "parse_numbers", "report_error"]
+from deltakit.sources import Snapshot, resolve
+
+if TYPE_CHECKING:
+    from deltakit.widgets.picker import ModelPicker
+
+__all__ = ["BackgroundJob", "KnownSnapshots", "draw_into", "error_html", "parse_numbers", "reference",
+           "report_error"]
 
 
 class BackgroundJob:
@@ -81,6 +89,40 @@ class BackgroundJob:
         """Wait for the current worker (returns at once when none runs)."""
         if self.thread is not None:
             self.thread.join(timeout)
+
+
+def reference(model: str | Snapshot) -> str:
+    """The reference a text field shows for a model handed in as a reference or as a resolved snapshot."""
+    return model.ref if isinstance(model, Snapshot) else model
+
+
+class KnownSnapshots:
+    """The snapshots a widget already has, by reference: those handed to it, and those its ModelPicker resolved.
+
+    :meth:`get` returns one of them while a field still spells its reference, so what was resolved (downloaded,
+    built, pinned to a commit) is used as it is; any other reference is resolved then.
+
+    Args:
+        models: the models handed to the widget; the snapshots among them are kept, plain references skipped.
+        picker: a ModelPicker whose current ``base_snapshot`` and ``fine_tune_snapshot`` count as known (a picker
+            forgets them when a field is edited).
+    """
+
+    def __init__(self, models: Iterable[str | Snapshot] = (), picker: ModelPicker | None = None) -> None:
+        self.given = {m.ref: m for m in models if isinstance(m, Snapshot)}
+        self.picker = picker
+
+    def get(self, ref: str) -> Snapshot:
+        """The known snapshot whose reference is ``ref``, else ``deltakit.sources.resolve(ref)``.
+
+        Raises:
+            deltakit.sources.SourceError: ``ref`` is unknown and cannot be resolved (and what resolve raises).
+        """
+        known = dict(self.given)
+        if self.picker is not None:
+            picked = (self.picker.base_snapshot, self.picker.fine_tune_snapshot)
+            known |= {s.ref: s for s in picked if s is not None}
+        return known[ref] if ref in known else resolve(ref)
 
 
 def error_html(message: str) -> str:

@@ -17,7 +17,7 @@ import traitlets
 
 from deltakit.hubsearch import find_finetunes
 from deltakit.pairing import pair_models
-from deltakit.sources import FAMILY_PREFIX, Snapshot, resolve
+from deltakit.sources import ModelRef, Snapshot, SourceError, resolve
 from deltakit.tensors import TensorReader
 from deltakit.widgets._common import BackgroundJob, error_html, report_error
 
@@ -25,12 +25,17 @@ __all__ = ["ModelPicker", "join_ref", "split_ref"]
 
 
 def split_ref(ref: str) -> tuple[str, str]:
-    """``"org/name@rev"`` -> ``("org/name", "rev")``; family references and paths have no revision part."""
-    ref = ref.strip()
-    if ref.startswith(FAMILY_PREFIX) or ref.startswith((".", "/", "~")):
-        return ref, ""
-    repo_id, _, revision = ref.partition("@")
-    return repo_id, revision
+    """The id and revision fields for a reference: ``"org/name@rev"`` -> ``("org/name", "rev")``.
+
+    Family references, folders and text that is no valid reference stay whole in the id field (Resolve then says
+    what is wrong with it, under the field).
+    """
+    text = ref.strip()
+    try:
+        parsed = ModelRef.parse(text)
+    except SourceError:
+        return text, ""
+    return (parsed.repo_id, parsed.revision or "") if parsed.kind == "hub" else (text, "")
 
 
 def join_ref(repo_id: str, revision: str) -> str:
@@ -44,7 +49,8 @@ class ModelPicker(w.VBox):
 
     The traits ``base_ref`` and ``fine_tune_ref`` always hold the references the fields spell (link other
     widgets to them); after a successful :meth:`resolve`, ``base_snapshot``, ``fine_tune_snapshot`` and
-    ``pairing`` hold the library's results.
+    ``pairing`` hold the library's results until a field is edited. Widgets built with ``picker=`` use these
+    snapshots instead of resolving the same references again.
 
     Args:
         base: initial base reference (``org/name[@rev]``, a folder, or ``family:FAMILY/base``).

@@ -1,8 +1,9 @@
 """StatsDashboard: compute (or load) delta statistics, then browse them by fine-tune, module kind and layer.
 
-A thin shell over :func:`deltakit.sources.resolve`, :func:`deltakit.stats.delta_stats`,
-:meth:`deltakit.stats.DeltaStats.load` / ``save`` and the figures of :mod:`deltakit.plots`
-(``delta_histogram``, ``layer_kind_heatmap``, ``similarity_matrix``).
+A thin shell over :func:`deltakit.stats.delta_stats`, :meth:`deltakit.stats.DeltaStats.load` / ``save`` and the
+figures of :mod:`deltakit.plots` (``delta_histogram``, ``layer_kind_heatmap``, ``similarity_matrix``). Models come
+in as snapshots (handed in, or resolved by a :class:`~deltakit.widgets.ModelPicker`) or as references, which are
+resolved once, with :func:`deltakit.sources.resolve`, when Compute runs.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from deltakit import plots
-from deltakit.sources import resolve
+from deltakit.sources import Snapshot
 from deltakit.stats import DeltaStats, delta_stats
-from deltakit.widgets._common import BackgroundJob, draw_into, report_error
+from deltakit.widgets._common import BackgroundJob, KnownSnapshots, draw_into, reference, report_error
+from deltakit.widgets.picker import ModelPicker
 
 __all__ = ["StatsDashboard", "TABLE_COLUMNS"]
 
@@ -32,8 +34,9 @@ TABLE_COLUMNS = ("tensor", "kind", "layer", "numel", "mean_abs", "max_abs", "rel
 class StatsDashboard(w.VBox):
     """Delta statistics of one base and its fine-tunes: a table and three figures, with selectors.
 
-    Compute: resolves every model (one progress step each; family members are built on first use), runs
-    ``delta_stats`` (one more step) and, when ``stats_dir`` is set, saves the tables there. Load: reads tables
+    Compute: takes each model's snapshot -- the one handed in or resolved by the picker while the field still
+    spells its reference, else resolves it (one progress step each; family members are built on first use) --,
+    runs ``delta_stats`` (one more step) and, when ``stats_dir`` is set, saves the tables there. Load: reads tables
     saved earlier (``deltakit stats ... --out DIR`` writes the same files).
 
     Selectors: ``model`` (the fine-tune shown in the table and the heatmap), ``kind`` (module kind of the table
@@ -41,23 +44,25 @@ class StatsDashboard(w.VBox):
     are redrawn in place.
 
     Args:
-        base: base model reference.
-        fine_tunes: fine-tune references (one per line in the text area).
+        base: the base model: a reference, or a resolved snapshot.
+        fine_tunes: the fine-tunes, references or snapshots (shown one reference per line in the text area).
         stats: statistics to show right away (e.g. from ``delta_stats`` in a previous cell).
         stats_dir: folder to save computed statistics to, or to load them from.
-        picker: a :class:`~deltakit.widgets.ModelPicker` whose base and fine-tune the fields follow (overrides
-            ``base`` and ``fine_tunes``).
+        picker: a ModelPicker whose base and fine-tune the fields follow (overrides ``base`` and ``fine_tunes``),
+            and whose resolved snapshots Compute uses.
         max_rows: at most this many table rows (the largest mean |delta| first).
     """
 
-    def __init__(self, base: str = "", fine_tunes: Sequence[str] = (), *, stats: DeltaStats | None = None,
-                 stats_dir: str | Path = "", picker=None, max_rows: int = 25) -> None:
+    def __init__(self, base: str | Snapshot = "", fine_tunes: Sequence[str | Snapshot] = (), *,
+                 stats: DeltaStats | None = None, stats_dir: str | Path = "", picker: ModelPicker | None = None,
+                 max_rows: int = 25) -> None:
         self.max_rows = max_rows
         self.stats: DeltaStats | None = None
+        self.snapshots = KnownSnapshots([base, *fine_tunes], picker)
         self.job = BackgroundJob("stats-dashboard", on_error=self._failed, busy=self._busy)
 
-        self.base = w.Text(value=base, description="base", layout=w.Layout(width="36em"))
-        self.fine_tunes = w.Textarea(value="\n".join(fine_tunes), description="fine-tunes",
+        self.base = w.Text(value=reference(base), description="base", layout=w.Layout(width="36em"))
+        self.fine_tunes = w.Textarea(value="\n".join(map(reference, fine_tunes)), description="fine-tunes",
                                      placeholder="one reference per line", layout=w.Layout(width="36em", height="5em"))
         self.stats_dir = w.Text(value=str(stats_dir), description="stats dir",
                                 placeholder="optional: save to / load from this folder", layout=w.Layout(width="36em"))
@@ -98,7 +103,7 @@ class StatsDashboard(w.VBox):
 
     # --- actions --------------------------------------------------------------------------------------------
     def compute(self, *, blocking: bool = False) -> None:
-        """Resolve the models, compute the statistics (and save them when ``stats_dir`` is set), then show them.
+        """Take the models' snapshots, compute the statistics (and save them when ``stats_dir`` is set), show them.
 
         Args:
             blocking: wait for the computation to finish (it runs in a worker thread).
@@ -111,17 +116,20 @@ class StatsDashboard(w.VBox):
         out = self.stats_dir.value.strip()
 
         def work(cancel: threading.Event) -> None:
-            self.progress.value, self.progress.max = 0, len(fts) + 2
+            self.progress.value, self.progress.max = 0, 1
             snaps = []
             for ref in [base, *fts]:
                 self.status.value = f"resolving {ref} ..."
-                snaps.append(resolve(ref))
-                self.progress.value += 1
+                snaps.append(self.snapshots.get(ref))
             self.status.value = f"computing statistics of {len(fts)} fine-tune(s) ..."
-            stats = delta_stats(snaps[0], snaps[1:], progress=False)
+
+            def on_progress(done: int, total: int, current: str) -> None:  # after each tensor read, in bytes
+                self.progress.max, self.progress.value = total, done
+                self.status.value = f"statistics: read {current}"
+
+            stats = delta_stats(snaps[0], snaps[1:], progress=False, on_progress=on_progress)
             if out:
                 stats.save(out)
-            self.progress.value += 1
             self.show(stats)
             self.progress.value = self.progress.max
             self.status.value = f"done: {len(stats.tensors)} tensor rows" + (f", saved to {out}" if out else "")

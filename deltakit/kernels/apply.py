@@ -18,20 +18,19 @@ Two implementations of exactly the same maths:
   Dropped entries are ``base`` bit for bit (``-0.0`` stays ``-0.0``); ``where`` never forms ``0 * inf``, so
   ``rate == 1`` gives exactly ``base`` even with an infinite scale.
 
-* :func:`fused_apply` -- the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests), bit-identical to
-  :func:`fused_apply_torch`: same op order, launched with fp fusion disabled (no FMA contraction), bf16 stores
-  rounded to nearest even in-kernel (the interpreter would truncate otherwise).
+* :func:`fused_apply_triton` -- launches the Triton kernel of :mod:`deltakit.kernels.triton_apply` (CUDA, or CPU
+  under ``TRITON_INTERPRET=1`` for tests), bit-identical to :func:`fused_apply_torch`: same op order, launched with
+  fp fusion disabled (no FMA contraction), bf16 stores rounded to nearest even in-kernel (the interpreter would
+  truncate otherwise).
 
-Triton is imported lazily: importing this module never imports triton; the kernels are built on first use.
-:func:`resolve_backend` picks between the two.
+Importing this module never imports triton: the launchers import the kernel module when they run.
+:func:`resolve_backend` picks between the two; ``deltakit.kernels.fused_apply`` is the one entry point that does.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
-from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +39,8 @@ from deltakit.masks import AXES, check_rate, matrix_shape, uniform
 
 __all__ = [
     "BACKENDS",
-    "fused_apply",
     "fused_apply_torch",
+    "fused_apply_triton",
     "resolve_backend",
     "triton_available",
     "interpreter_enabled",
@@ -160,19 +159,12 @@ def fused_apply_torch(
         ValueError: On mismatched shapes/devices, non-float dtypes, ``rate`` outside [0, 1], an unknown ``axis``,
             a per-row ``scale`` or ``u`` of the wrong length, or a NaN scale.
     """
-    rate32, scale_value, scale_rows = _validate(dst, base, ft, rate=rate, scale=scale, axis=axis)
+    rate32, scale_value, scale_rows = check_apply_args(dst, base, ft, rate=rate, scale=scale, axis=axis)
     n = dst.numel()
     if n == 0:
         return dst
     n_rows, n_cols = matrix_shape(dst.shape)
-    m = {"element": n, "row": n_rows, "col": n_cols}[axis]
-    if u is None:
-        u = uniform(key, m)
-    elif not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or u.dim() != 1 or u.numel() != m:
-        got = f"{tuple(u.shape)} {u.dtype}" if isinstance(u, torch.Tensor) else type(u).__name__
-        raise ValueError(
-            f"u must be a 1-D float32 tensor of {m} numbers (uniform(key, {m}) for axis={axis!r}), got {got}"
-        )
+    u = uniform(key, stream_length(dst.shape, axis)) if u is None else check_uniforms(u, dst.shape, axis)
     u = u.to(dst.device)
     keep = u >= float(rate32)  # rate32 is exactly representable: no double/float ambiguity in the comparison
     keep = keep.view((n_rows, n_cols) if axis == "element" else (n_rows, 1) if axis == "row" else (1, n_cols))
@@ -193,111 +185,11 @@ def fused_apply_torch(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The Triton kernel
+# The Triton launchers (the kernels are in deltakit.kernels.triton_apply)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _kernels() -> dict[str, Any]:
-    """Import triton and build the kernels (once). Kept in a function so importing deltakit never imports triton.
-
-    The ``@triton.jit`` functions and ``tl`` are bound as *module globals* (the ``global`` statement): Triton's
-    compiler and its interpreter both resolve the names a kernel uses through the module's globals, not closures.
-    """
-    global tl, uint_to_uniform_float, uniform_block, uniform_at, store_rounded, fused_apply_kernel, uniform_kernel
-    import triton
-    import triton.language as tl
-    from triton.language.random import uint_to_uniform_float
-
-    @triton.jit
-    def uniform_block(key, start, BLOCK_SIZE: tl.constexpr):
-        """u at global indices start .. start + BLOCK_SIZE - 1 (start a multiple of 4): 4 numbers per Philox call."""
-        counters = start // 4 + tl.arange(0, BLOCK_SIZE // 4)  # int64: counters above 2^32 fill the high word
-        r0, r1, r2, r3 = tl.randint4x(key, counters)
-        # [r0_0, r1_0, r2_0, r3_0, r0_1, ...]: index 4c + w takes word w of counter c, as deltakit.masks.uniform.
-        words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-        return uint_to_uniform_float(words)
-
-    @triton.jit
-    def uniform_at(key, index):
-        """u at arbitrary global indices (row/column streams, unaligned windows): one Philox call per number."""
-        r0, r1, r2, r3 = tl.randint4x(key, index // 4)
-        word = index % 4
-        r = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
-        return uint_to_uniform_float(r)
-
-    @triton.jit
-    def store_rounded(ptr, value, mask, ROUND_BF16: tl.constexpr):
-        """Store fp32 ``value`` in ptr's dtype, rounding to nearest even (bf16 by bit arithmetic)."""
-        if ROUND_BF16:
-            # fp32 -> bf16 round-to-nearest-even on the bit pattern; the interpreter's own cast truncates.
-            bits = value.to(tl.uint32, bitcast=True)
-            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            rounded = tl.where(value != value, 0x7FC0, rounded)  # NaN -> the canonical quiet NaN, as torch
-            tl.store(ptr, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-        else:
-            tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def fused_apply_kernel(
-        dst_ptr,  # out: n_elements values of dst's dtype, contiguous; may be the same memory as ft_ptr/base_ptr
-        base_ptr,  # in: n_elements base weights, contiguous, any float dtype
-        ft_ptr,  # in: n_elements fine-tuned weights, contiguous, any float dtype
-        scale_ptr,  # in: n_rows fp32 per-row scales; read only when PER_ROW_SCALE (any tensor otherwise)
-        n_elements,  # number of entries
-        n_cols,  # entries per row (row = i // n_cols, column = i % n_cols)
-        key,  # 64-bit Philox key of the stream (tensor_key(seed, name, axis))
-        rate,  # fp32 drop rate: kept iff u >= rate
-        scale,  # fp32 rescale of kept entries (unused when PER_ROW_SCALE)
-        AXIS: tl.constexpr,  # 0: u per element, 1: u per row, 2: u per column
-        PER_ROW_SCALE: tl.constexpr,  # scale from scale_ptr[row] instead of `scale`
-        ROUND_BF16: tl.constexpr,  # dst is bf16: round in-kernel
-        BLOCK_SIZE: tl.constexpr,  # entries per program, a power of 2 >= 16
-    ):
-        pid = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors and streams beyond 2^31 entries
-        start = pid * BLOCK_SIZE
-        offs = start + tl.arange(0, BLOCK_SIZE)
-        in_bounds = offs < n_elements
-        base = tl.load(base_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-        ft = tl.load(ft_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-        if AXIS == 0:
-            u = uniform_block(key, start, BLOCK_SIZE)
-        elif AXIS == 1:
-            u = uniform_at(key, offs // n_cols)
-        else:
-            u = uniform_at(key, offs % n_cols)
-        keep = u >= rate
-        if PER_ROW_SCALE:
-            s = tl.load(scale_ptr + offs // n_cols, mask=in_bounds, other=0.0)
-        else:
-            s = scale
-        # Same op order as fused_apply_torch; `where`, never keep * (...), so 0 * inf cannot appear.
-        d = ft - base
-        t = d * s
-        out = tl.where(keep, base + t, base)
-        store_rounded(dst_ptr + offs, out, in_bounds, ROUND_BF16)
-
-    @triton.jit
-    def uniform_kernel(
-        out_ptr,  # out: n fp32 uniform numbers, contiguous
-        n,  # how many numbers
-        key,  # 64-bit Philox key
-        offset,  # global index of the first number
-        ALIGNED: tl.constexpr,  # offset % 4 == 0: use the 4-per-call block path of fused_apply_kernel
-        BLOCK_SIZE: tl.constexpr,  # numbers per program, a power of 2 >= 16
-    ):
-        pid = tl.program_id(0).to(tl.int64)
-        i = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        if ALIGNED:
-            u = uniform_block(key, offset + pid * BLOCK_SIZE, BLOCK_SIZE)
-        else:
-            u = uniform_at(key, offset + i)
-        tl.store(out_ptr + i, u, mask=i < n)
-
-    return {"triton": triton, "fused_apply": fused_apply_kernel, "uniform": uniform_kernel}
-
-
-def fused_apply(
+def fused_apply_triton(
     dst: torch.Tensor,
     base: torch.Tensor,
     ft: torch.Tensor,
@@ -333,7 +225,7 @@ def fused_apply(
             (CPU without ``TRITON_INTERPRET=1``) or a bad ``block_size``.
         ImportError: If triton is not installed.
     """
-    rate32, scale_value, scale_rows = _validate(dst, base, ft, rate=rate, scale=scale, axis=axis)
+    rate32, scale_value, scale_rows = check_apply_args(dst, base, ft, rate=rate, scale=scale, axis=axis)
     resolve_backend("triton", dst.device)
     key = _signed64(key)
     n = dst.numel()
@@ -357,10 +249,12 @@ def fused_apply(
     else:
         scale_arg = out  # placeholder pointer, never read
 
-    k = _kernels()
-    grid = (k["triton"].cdiv(n, block),)
+    import triton
+
+    from deltakit.kernels.triton_apply import fused_apply_kernel
+
     launch_opts = {} if dst.device.type == "cpu" else {"num_warps": _CUDA_WARPS}
-    k["fused_apply"][grid](
+    fused_apply_kernel[(triton.cdiv(n, block),)](
         out,
         base_c,
         ft_c,
@@ -385,7 +279,7 @@ def fused_apply(
 def uniform_triton(
     key: int, n: int, *, offset: int = 0, device: torch.device | str = "cuda", block_size: int | None = None
 ) -> torch.Tensor:
-    """The numbers of :func:`deltakit.masks.uniform` made by the Triton code path of :func:`fused_apply`.
+    """The numbers of :func:`deltakit.masks.uniform` made by the Triton code path of :func:`fused_apply_triton`.
 
     Used to check on a device that GPU masks equal the CPU masks bit for bit.
 
@@ -413,8 +307,11 @@ def uniform_triton(
     block = _check_block(block_size, n, device)
     if n == 0:
         return out
-    k = _kernels()
-    k["uniform"][(k["triton"].cdiv(n, block),)](
+    import triton
+
+    from deltakit.kernels.triton_apply import uniform_kernel
+
+    uniform_kernel[(triton.cdiv(n, block),)](
         out, n, key, offset, ALIGNED=offset % 4 == 0, BLOCK_SIZE=block, enable_fp_fusion=False
     )
     return out
@@ -425,7 +322,7 @@ def uniform_triton(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _validate(
+def check_apply_args(
     dst: torch.Tensor,
     base: torch.Tensor,
     ft: torch.Tensor,
@@ -466,6 +363,28 @@ def _validate(
         raise ValueError("scale is NaN; DARE uses scale = 1 / (1 - rate), DAREx-q scale = 1 / q with 1 - rate <= q <= 1")
     with np.errstate(over="ignore"):  # beyond the fp32 range the scale is inf, as the kernel would see it
         return rate32, float(np.float32(value)), None
+
+
+def stream_length(shape: torch.Size, axis: str) -> int:
+    """How many uniform numbers a tensor of ``shape`` draws for ``axis``: numel, rows or columns."""
+    n_rows, n_cols = matrix_shape(shape)
+    return {"element": n_rows * n_cols, "row": n_rows, "col": n_cols}[axis]
+
+
+def check_uniforms(u: torch.Tensor, shape: torch.Size, axis: str) -> torch.Tensor:
+    """Check cached uniform numbers ``u`` of a tensor of ``shape`` for ``axis``; return them.
+
+    Raises:
+        ValueError: If ``u`` is not a 1-D float32 tensor of :func:`stream_length` numbers.
+    """
+    m = stream_length(shape, axis)
+    if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or u.dim() != 1 or u.numel() != m:
+        got = f"{tuple(u.shape)} {u.dtype}" if isinstance(u, torch.Tensor) else type(u).__name__
+        raise ValueError(
+            f"u must be a 1-D float32 tensor of {m} numbers (uniform(key, {m}) for axis={axis!r} of a "
+            f"{tuple(shape)} tensor), got {got}"
+        )
+    return u
 
 
 def _check_block(block_size: int | None, n: int, device: torch.device) -> int:

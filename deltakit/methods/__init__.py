@@ -1,29 +1,41 @@
 """Delta-parameter pruning methods: a registry (``registry.py``) and one family per module.
 
-Importing this package registers every built-in method (importing a family module runs its decorators):
-``dare``, ``drop_only``, ``darex_q`` (``dare.py``), ``magnitude``, ``wanda`` (``magnitude.py``) and ``structural``
-(``structural.py``). Reach a method through the registry, ``get_method("dare").fn``, or from its module,
+Importing this package registers every built-in entry (importing a family module runs its decorators):
+``dare``, ``drop_only``, ``darex_q`` (``dare.py``), ``magnitude``, ``wanda`` (``magnitude.py``), ``structural``
+(``structural.py``), the DAREx-q searches ``darex_q_labelled``, ``darex_q_unlabelled``, ``darex_q_analytic``
+(``darex_q_search.py``: they choose q, then apply as ``darex_q``), and the reference points ``finetuned`` and
+``base`` (``references.py``). Reach a method through the registry, ``get_method("dare").fn``, or from its module,
 ``from deltakit.methods.dare import dare``. The functions are deliberately not re-exported here: ``dare``,
 ``magnitude`` and ``structural`` would shadow their own modules as attributes of this package.
 """
 
 from __future__ import annotations
 
-from deltakit.methods import dare, magnitude, structural  # noqa: F401  (registers the built-in methods)
+from deltakit.methods import dare, magnitude, references, structural  # noqa: F401  (registers the built-ins)
+from deltakit.methods import darex_q_search  # noqa: F401  (after dare: its entries apply as darex_q)
+from deltakit.methods.prepare import PrepareContext, Prepared
 from deltakit.methods.registry import (
     MethodInfo,
     RandomPlan,
     available_methods,
     get_method,
     method_params,
+    reference_methods,
     register,
+    register_prepared,
+    sweep_methods,
 )
 
 __all__ = [
     "MethodInfo",
+    "PrepareContext",
+    "Prepared",
     "RandomPlan",
     "available_methods",
     "get_method",
     "method_params",
+    "reference_methods",
     "register",
+    "register_prepared",
+    "sweep_methods",
 ]

@@ -21,14 +21,12 @@ import torch
 from torch import Tensor
 
 from deltakit import masks
+from deltakit.darex import q_in_range
 from deltakit.kernels.apply import fused_apply_torch
 from deltakit.methods.registry import RandomPlan, register
 
 __all__ = ["dare", "drop_only", "darex_q", "dare_scale", "q_scale", "prune_random"]
 
-# Relative slack when checking q against 1 - rate: q = 1 - 0.9 in float64, or a float32 per-row q, may land a
-# rounding error below the exact bound and must still count as DARE's q.
-_Q_RTOL = 1e-6
 
 
 def dare_scale(rate: float) -> float:
@@ -74,7 +72,7 @@ def q_scale(q: float | Tensor, *, rate: float, like: Tensor, method: str) -> flo
                 f"{tuple(q.shape)} and dtype {q.dtype}. Pass a float q to use one value for every row."
             )
         q64 = q.detach().to(device="cpu", dtype=torch.float64)
-        ok = (q64 >= low * (1.0 - _Q_RTOL)) & (q64 <= 1.0 + _Q_RTOL) & (q64 > 0.0)  # NaN fails every comparison
+        ok = q_in_range(q64, rate) & (q64 > 0.0)  # NaN fails every comparison
         if not bool(ok.all()):
             i = int((~ok).nonzero()[0])
             raise ValueError(f"{method}: q must be in {allowed}; row {i} has q={float(q64[i])!r}")
@@ -84,7 +82,7 @@ def q_scale(q: float | Tensor, *, rate: float, like: Tensor, method: str) -> flo
     if isinstance(q, bool) or not isinstance(q, (int, float)):
         raise ValueError(f"{method}: q must be a float in {allowed}, or a per-row tensor; got {q!r}")
     value = float(q)
-    if not (low * (1.0 - _Q_RTOL) <= value <= 1.0 + _Q_RTOL) or (value <= 0.0 and rate < 1.0):
+    if not q_in_range(value, rate) or (value <= 0.0 and rate < 1.0):
         raise ValueError(f"{method}: q must be in {allowed}; got q={q!r}")
     if rate >= 1.0 or value <= 0.0:
         return 1.0

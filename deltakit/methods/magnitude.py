@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from deltakit.methods.dare import dare_scale
+from deltakit.methods.prepare import PrepareContext, Prepared
 from deltakit.methods.registry import register
 
 __all__ = ["magnitude", "wanda", "drop_count", "keep_top"]
@@ -109,11 +110,27 @@ def magnitude(delta: Tensor, *, rate: float, seed: int, name: str, rescale: bool
     return _prune_by_magnitude(delta, rate=rate, rescale=rescale)
 
 
+def _wanda_prepare(ctx: PrepareContext, *, rate: float, seed: int, backend: str = "auto") -> Prepared:
+    """Activation norms ``||X_j||_2`` of the fine-tuned model on calibration texts, per 2-D prunable tensor.
+
+    A 2-D tensor that is no Linear input (an embedding) gets ones: per-row magnitude pruning.
+    """
+    l2 = ctx.activations().l2
+    shapes = {t.name: t.ft.shape for t in ctx.targets}
+
+    def params_for(name: str) -> dict[str, Tensor]:
+        shape = shapes[name]
+        return {"act_norms": l2.get(name, torch.ones(shape[1]))} if len(shape) == 2 else {}
+
+    return Prepared(params_for=params_for)
+
+
 @register(
     name="wanda",
     pretty_name="Wanda (delta)",
     reference="Sun et al. 2024, Wanda, arXiv:2306.11695; on deltas: Deng et al. 2025, arXiv:2410.09344",
     random=False,
+    prepare=_wanda_prepare,
 )
 def wanda(delta: Tensor, *, rate: float, seed: int, name: str, act_norms: Tensor | None = None) -> Tensor:
     """Wanda on deltas: score ``|delta_ij| * ||X_j||_2``, keep the top ``1 - rate`` of every output row.

@@ -13,7 +13,7 @@ everywhere without touching them.
 
 Random methods that are "keep where u >= rate, multiply the kept deltas by a scale" also register a *plan*
 (:class:`RandomPlan`): the mask axis and the scale. ``deltakit.prune.apply_method`` uses the plan to rewrite a
-live parameter in one fused pass (``deltakit.kernels.apply``: Triton on CUDA, torch elsewhere) instead of
+live parameter in one fused pass (``deltakit.kernels.fused_apply``: Triton on CUDA, torch elsewhere) instead of
 materialising the delta; the method function itself computes through the same torch reference, so the two
 agree bit for bit.
 
@@ -24,6 +24,19 @@ Adding a method::
     @register(name="my_method", pretty_name="My method", reference="Author et al. 2025, arXiv:...", random=False)
     def my_method(delta: Tensor, *, rate: float, seed: int, name: str, alpha: float = 0.5) -> Tensor:
         ...
+
+**Sweep entries.** The same registry holds everything a sweep can run (one list for the CLI, the widgets and the
+plots):
+
+* tensor methods (above); one may add a ``prepare`` step that computes inputs from the resident model and data
+  before the point is applied (``wanda``: the activation norms of calibration texts);
+* prepared entries (:func:`register_prepared`): a ``prepare`` step that chooses parameters, then applies as another
+  tensor method (``darex_q_labelled`` searches q, then applies as ``darex_q``); their schema is the prepare step's;
+* reference points (``finetuned`` at rate 0, ``base`` at rate 1): tensor methods flagged with the one rate they run
+  at (:attr:`MethodInfo.reference_rate`), added to every sweep and drawn as reference lines.
+
+A prepare step is ``prepare(ctx: PrepareContext, *, rate, seed, backend, **params) -> Prepared``; a sweep runs each
+point as: prepare (if any), apply, evaluate.
 
 The decorator returns a checked version of the function: it validates ``delta`` (a floating-point tensor),
 ``rate`` (in [0, 1]) and, unless ``allow_nonfinite=True``, that ``delta`` has no NaN/Inf, then calls the
@@ -43,13 +56,17 @@ import torch
 from torch import Tensor
 
 from deltakit import masks
+from deltakit.methods.prepare import Prepared
 
 __all__ = [
     "RandomPlan",
     "MethodInfo",
     "register",
+    "register_prepared",
     "get_method",
     "available_methods",
+    "sweep_methods",
+    "reference_methods",
     "method_params",
     "check_rate",
     "check_finite",
@@ -57,6 +74,8 @@ __all__ = [
 
 #: Keyword-only arguments every method takes; everything else keyword-only is the method's own schema.
 CONTRACT_PARAMS = ("rate", "seed", "name")
+#: Keyword-only arguments every prepare step takes; everything else keyword-only is a prepared entry's schema.
+_PREPARE_PARAMS = ("rate", "seed", "backend")
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -102,26 +121,41 @@ class MethodInfo:
         unchecked: The same function without the input checks.
         plan: For random methods expressible as one fused pass, ``plan(like, *, rate, **params) -> RandomPlan``
             (``like`` is any tensor of the delta's shape and device); validates ``params``. None otherwise.
+        prepare: ``prepare(ctx, *, rate, seed, backend, **params) -> Prepared`` run before the apply, or None.
+        applies_as: for prepared entries, the tensor method applied after ``prepare`` (None: this entry's own).
+        reference_rate: for reference points, the one rate they run at (``finetuned`` 0, ``base`` 1); else None.
     """
 
     name: str
     pretty_name: str
     reference: str
     random: bool
-    fn: Callable[..., Tensor]
-    unchecked: Callable[..., Tensor]
+    fn: Callable[..., Tensor] | None
+    unchecked: Callable[..., Tensor] | None
     plan: Callable[..., RandomPlan] | None = None
+    prepare: Callable[..., Prepared] | None = None
+    applies_as: str | None = None
+    reference_rate: float | None = None
 
     @property
     def params(self) -> dict[str, inspect.Parameter]:
-        """The method's own parameters (keyword-only, beyond rate/seed/name), annotations resolved."""
+        """The parameters a user may set: a prepared entry's prepare step's, else the method's own (keyword-only,
+        beyond rate/seed/name), annotations resolved."""
+        if self.applies_as is not None:
+            return {n: p for n, p in inspect.signature(self.prepare, eval_str=True).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _PREPARE_PARAMS}
         return _own_params(self.unchecked)
 
     @property
     def summary(self) -> str:
         """The first line of the method's docstring (for CLI help and widget tooltips)."""
-        doc = inspect.getdoc(self.unchecked) or ""
+        doc = inspect.getdoc(self.prepare if self.applies_as is not None else self.unchecked) or ""
         return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    @property
+    def applied(self) -> str:
+        """The tensor method a point of this entry applies."""
+        return self.applies_as or self.name
 
 
 def register(
@@ -131,6 +165,8 @@ def register(
     reference: str,
     random: bool,
     plan: Callable[..., RandomPlan] | None = None,
+    prepare: Callable[..., Prepared] | None = None,
+    reference_rate: float | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register a pruning method under ``name`` (a decorator).
 
@@ -141,6 +177,9 @@ def register(
         random: Whether the output depends on ``seed``.
         plan: Optional ``plan(like, *, rate, **params) -> RandomPlan`` for random mask-and-scale methods; it must
             accept the same parameters as the method and describe exactly what the method computes.
+        prepare: Optional step a sweep runs before applying the method to compute some of its inputs
+            (``prepare(ctx, *, rate, seed, backend) -> Prepared``).
+        reference_rate: Only for the reference points (``finetuned``, ``base``): the one rate they run at.
 
     Returns:
         A decorator that registers the function and returns its checked version (same signature, plus an
@@ -150,19 +189,14 @@ def register(
         ValueError: If ``name`` is malformed or taken, or the function does not follow the method contract
             (first parameter ``delta``; keyword-only ``rate``, ``seed``, ``name``; annotated keyword-only params).
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"method name must be a lowercase identifier like 'dare' or 'my_method', got {name!r}")
+    _check_free(name)
     if plan is not None and not random:
         raise ValueError(f"method {name!r}: a plan describes a random mask, so it needs random=True")
 
     method_name = name  # `name` means the tensor name inside `checked` below
 
     def decorator(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        if method_name in _REGISTRY:
-            raise ValueError(
-                f"a pruning method named {method_name!r} is already registered "
-                f"({_REGISTRY[method_name].unchecked.__module__}); pick another name"
-            )
+        _check_free(method_name)  # again: the name may have been taken since the decorator was made
         _check_contract(method_name, fn)
         if plan is not None:
             plan_params = inspect.signature(plan).parameters
@@ -195,10 +229,35 @@ def register(
             fn=checked,
             unchecked=fn,
             plan=plan,
+            prepare=prepare,
+            reference_rate=reference_rate,
         )
         return checked
 
     return decorator
+
+
+def register_prepared(*, name: str, pretty_name: str, reference: str, applies_as: str, random: bool,
+                      prepare: Callable[..., Prepared]) -> None:
+    """Register a sweep entry that chooses parameters with ``prepare``, then applies as the method ``applies_as``.
+
+    Args:
+        name: Registry key: a lowercase identifier, unique.
+        pretty_name / reference: as for :func:`register`.
+        applies_as: A registered tensor method (e.g. ``"darex_q"``).
+        random: Whether the applied result depends on the seed.
+        prepare: ``prepare(ctx: PrepareContext, *, rate, seed, backend, **params) -> Prepared``; its own
+            keyword-only parameters (beyond rate, seed, backend) are the entry's schema.
+
+    Raises:
+        ValueError: a malformed or taken name, or ``applies_as`` is not a registered tensor method.
+    """
+    _check_free(name)
+    target = _REGISTRY.get(applies_as)
+    if target is None or target.unchecked is None:
+        raise ValueError(f"{name!r} applies as {applies_as!r}, which is not a registered tensor method")
+    _REGISTRY[name] = MethodInfo(name=name, pretty_name=pretty_name, reference=reference, random=random, fn=None,
+                                 unchecked=None, prepare=prepare, applies_as=applies_as)
 
 
 def get_method(name: str) -> MethodInfo:
@@ -217,7 +276,7 @@ def get_method(name: str) -> MethodInfo:
         return _REGISTRY[name]
     except (KeyError, TypeError):
         raise KeyError(
-            f"unknown pruning method {name!r}; registered: {', '.join(available_methods())}. "
+            f"unknown pruning method {name!r}; registered: {', '.join(sweep_methods())}. "
             "To add one, decorate a function fn(delta, *, rate, seed, name, **params) -> Tensor with "
             "@deltakit.methods.register(name=..., pretty_name=..., reference=..., random=...) "
             "(see deltakit/methods/registry.py)"
@@ -225,8 +284,19 @@ def get_method(name: str) -> MethodInfo:
 
 
 def available_methods() -> list[str]:
-    """Names of all registered pruning methods, sorted."""
-    return sorted(_REGISTRY)
+    """Names of the registered tensor pruning methods (what ``get_method(name).fn`` runs on a delta), sorted."""
+    return sorted(n for n, info in _REGISTRY.items() if info.unchecked is not None and info.reference_rate is None)
+
+
+def sweep_methods() -> list[str]:
+    """Names of everything a user can ask a sweep to run: tensor methods and prepared entries, sorted."""
+    return sorted(n for n, info in _REGISTRY.items() if info.reference_rate is None)
+
+
+def reference_methods() -> dict[str, MethodInfo]:
+    """The reference points every sweep adds (``finetuned``, ``base``), by name, in rate order."""
+    refs = [info for info in _REGISTRY.values() if info.reference_rate is not None]
+    return {info.name: info for info in sorted(refs, key=lambda info: info.reference_rate)}
 
 
 def method_params(name: str) -> dict[str, inspect.Parameter]:
@@ -283,6 +353,14 @@ def check_finite(tensor: Tensor, name: str) -> None:
             f"tensor {name!r} has {bad} non-finite (NaN/Inf) delta entries out of {tensor.numel()}; fix the "
             "checkpoint, exclude the tensor, or pass allow_nonfinite=True to prune it anyway"
         )
+
+
+def _check_free(name: str) -> None:
+    """Refuse a malformed or taken registry name."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"method name must be a lowercase identifier like 'dare' or 'my_method', got {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"a method named {name!r} is already registered; pick another name")
 
 
 def _own_params(fn: Callable[..., Tensor]) -> dict[str, inspect.Parameter]:

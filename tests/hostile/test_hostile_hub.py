@@ -83,7 +83,7 @@ def resolve_error(ref: str, env: dict[str, str]) -> tuple[str, float]:
     """The SourceError message ``resolve(ref)`` ends with in a fresh process, and the seconds it took."""
     done, seconds = run_python("import sys; from deltakit.sources import resolve; resolve(sys.argv[1])", ref, env=env)
     last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
-    prefix = "deltakit.sources.SourceError: "
+    prefix = "deltakit.refs.SourceError: "
     assert done.returncode == 1 and last.startswith(prefix), f"rc={done.returncode}\n{done.stderr[-3000:]}"
     return last[len(prefix):], seconds
 
@@ -181,7 +181,8 @@ def test_a_download_stalled_mid_body_ends_at_its_first_timeout(monkeypatch):
     """File downloads stream; a body that stops arriving raises at once, where huggingface_hub would resume 5 times."""
     from huggingface_hub import get_session
 
-    from deltakit.sources import SourceError, bound_hub_requests
+    from deltakit.hubhttp import bound_hub_requests
+    from deltakit.sources import SourceError
 
     bound_hub_requests()
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "1")

@@ -25,6 +25,7 @@ import torch
 
 from deltakit.cli import main
 from deltakit.sources import Snapshot, resolve
+from deltakit.spec import RunOptions, SweepSpec
 from deltakit.store import ResultStore, StoreError, StoreLockedError, fingerprint
 from deltakit.sweep import sweep
 from deltakit.tensors import TensorReader
@@ -41,10 +42,11 @@ SCRIPT = f"""
 import resource, sys
 sys.path[:0] = [{str(ROOT)!r}, {str(HERE)!r}]
 from test_hostile_store import BASE, FT, GRID, Probe
+from deltakit.spec import RunOptions, SweepSpec
 from deltakit.sweep import sweep
 if len(sys.argv) > 3:  # bytes, as `ulimit -f` limits a shell's children (Python ignores SIGXFSZ: writes fail)
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]),) * 2)
-sweep(BASE, FT, **GRID, evaluator=Probe(float(sys.argv[2])), out=sys.argv[1], progress=False)
+sweep(SweepSpec(BASE, FT, **GRID), RunOptions(out=sys.argv[1], progress=False), evaluator=Probe(float(sys.argv[2])))
 print("DONE", flush=True)
 """
 
@@ -72,8 +74,9 @@ def within(seconds: float) -> Iterator[None]:
     assert time.monotonic() - t0 < seconds, f"took {time.monotonic() - t0:.1f} s, bound {seconds} s"
 
 
-def run(out: Path, probe: Probe | None = None, **kwargs) -> pd.DataFrame:
-    return sweep(BASE, FT, **GRID, evaluator=probe or Probe(), out=out, progress=False, **kwargs)
+def run(out: Path, probe: Probe | None = None, wait: bool = False) -> pd.DataFrame:
+    return sweep(SweepSpec(BASE, FT, **GRID), RunOptions(out=out, progress=False, wait=wait),
+                 evaluator=probe or Probe())
 
 
 def frame(out: Path) -> pd.DataFrame:
@@ -158,8 +161,8 @@ def test_writer_lock_in_one_process_and_readers_need_none(tmp_path):
 def test_cli_passes_wait_through(monkeypatch):
     seen = {}
 
-    def fake_sweep(*args, **kwargs):
-        seen.update(kwargs)
+    def fake_sweep(spec, options, **kwargs):
+        seen.update(wait=options.wait, out=options.out)
         raise StoreLockedError("stop here")
 
     monkeypatch.setattr("deltakit.sweep.sweep", fake_sweep)
@@ -340,8 +343,8 @@ def test_nan_and_infinity_are_stored_as_null_and_read_back_as_nan(tiny, tmp_path
         return {"nan": float("nan"), "inf": float("inf"), "ok": 0.5}
 
     evaluator.calls, evaluator.fingerprint = 0, "nan-evaluator"
-    kwargs = dict(methods=["dare"], rates=[0.5], seeds=[0], evaluator=evaluator, out=out, progress=False)
-    sweep(BASE, FT, **kwargs)
+    spec, options = SweepSpec(BASE, FT, methods=["dare"], rates=[0.5], seeds=[0]), RunOptions(out=out, progress=False)
+    sweep(spec, options, evaluator=evaluator)
 
     def refuse(token: str) -> None:
         raise ValueError(f"non-standard JSON token {token}")
@@ -357,7 +360,7 @@ def test_nan_and_infinity_are_stored_as_null_and_read_back_as_nan(tiny, tmp_path
     assert len(failed) == 1 and failed["metric"].isna().all() and failed["value"].isna().all()
     assert "evaluation broke" in failed["error"].iloc[0]
     assert df.loc[df["method"] == "base", "q"].isna().all()  # a reference point has no q: null -> NaN
-    sweep(BASE, FT, **kwargs)
+    sweep(spec, options, evaluator=evaluator)
     assert evaluator.calls == 4  # only the failed point ran again; NaN-valued points count as done
 
 
@@ -445,13 +448,14 @@ def test_parquet_is_replaced_atomically(tmp_path, monkeypatch):
 def test_a_retrained_checkpoint_is_recomputed_and_an_unchanged_one_is_not(tiny, tmp_path):
     ft = tmp_path / "ft"
     shutil.copytree(resolve(FT).path, ft)
-    kwargs = dict(methods=["dare"], rates=[0.5], seeds=[0], out=tmp_path / "out", progress=False)
+    spec = SweepSpec(BASE, str(ft), methods=["dare"], rates=[0.5], seeds=[0])
+    options = RunOptions(out=tmp_path / "out", progress=False)
     first = Probe()
-    sweep(BASE, str(ft), evaluator=first, **kwargs)
+    sweep(spec, options, evaluator=first)
     weights = ft / "model.safetensors"
     os.utime(weights, (time.time() + 100, time.time() + 100))  # touched, not changed
     unchanged = Probe()
-    sweep(BASE, str(ft), evaluator=unchanged, **kwargs)
+    sweep(spec, options, evaluator=unchanged)
     assert first.calls == 3 and unchanged.calls == 0
     stat = weights.stat()
     reader = TensorReader(ft)
@@ -464,7 +468,7 @@ def test_a_retrained_checkpoint_is_recomputed_and_an_unchanged_one_is_not(tiny, 
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert weights.stat().st_size == stat.st_size
     retrained = Probe()
-    sweep(BASE, str(ft), evaluator=retrained, **kwargs)
+    sweep(spec, options, evaluator=retrained)
     assert retrained.calls == 3
     assert ResultStore(tmp_path / "out").frame()["key"].nunique() == 6
 

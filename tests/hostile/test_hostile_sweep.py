@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import deltakit.sweep as sweep_module
 from deltakit import masks
 from deltakit.cli import main
 from deltakit.methods import get_method
-from deltakit.sweep import ResidentModel, normalise_rates
+from deltakit.resident import ResidentModel
+from deltakit.spec import normalise_rates
 
 BASE, FT = "family:tiny/base", "family:tiny/sentiment3"
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> list:
         calls.append(args)
         raise AssertionError("a model was loaded although the request was invalid")
 
-    monkeypatch.setattr(sweep_module.ResidentModel, "__init__", refuse)
+    monkeypatch.setattr(ResidentModel, "__init__", refuse)
     return calls
 
 

@@ -20,10 +20,10 @@ from deltakit.families import (
     build_family,
     dataset_path,
     deltakit_home,
+    family_split,
     list_families,
-    load_split,
     member_path,
-    read_card,
+    read_model_card,
 )
 from deltakit.families.data import SPLITS, DataSpec, read_corpus, split_corpus, split_file
 
@@ -143,13 +143,13 @@ def test_deltas_are_real_and_hot_is_larger(tiny_home: Path) -> None:
 
 
 def test_cards_carry_lineage_recipe_and_metrics(tiny_home: Path) -> None:
-    base_card = read_card(member_path("tiny", "base", home=tiny_home, build=False))
+    base_card = read_model_card(member_path("tiny", "base", home=tiny_home, build=False))
     assert base_card["model_id"] == "deltakit/tiny-base"
     assert base_card["library_name"] == "transformers"
     assert "base_model" not in base_card and base_card["role"] == "base"
     assert base_card["pretraining"]["objective"] == "masked-lm"
     for member in FINETUNES:
-        card = read_card(member_path("tiny", member, home=tiny_home, build=False))
+        card = read_model_card(member_path("tiny", member, home=tiny_home, build=False))
         assert card["model_id"] == f"deltakit/tiny-{member}"
         assert card["base_model"] == "deltakit/tiny-base"
         assert card["base_model_relation"] == "finetune"
@@ -165,10 +165,10 @@ def test_cards_carry_lineage_recipe_and_metrics(tiny_home: Path) -> None:
         assert 0.0 <= metrics["validation_accuracy"] <= 1.0
         assert 0.0 <= metrics["validation_macro_f1"] <= 1.0
         assert 0.3 < metrics["validation_majority_baseline"] < 0.8
-        validation = load_split("tiny", "validation", task=card["task"], home=tiny_home)
+        validation = family_split("tiny", "validation", task=card["task"], home=tiny_home)
         assert metrics["validation_examples"] == len(validation)
         assert card["build_seconds"] > 0
-    assert read_card(dataset_path("tiny", home=tiny_home, build=False))["dataset_id"] == "deltakit/tiny-data"
+    assert read_model_card(dataset_path("tiny", home=tiny_home, build=False))["dataset_id"] == "deltakit/tiny-data"
 
 
 def test_unknown_family_or_member_lists_the_options(tiny_home: Path) -> None:
@@ -179,7 +179,7 @@ def test_unknown_family_or_member_lists_the_options(tiny_home: Path) -> None:
     with pytest.raises(KeyError, match="minilm-tweets"):
         member_path("nope", "base", home=tiny_home)
     with pytest.raises(KeyError, match="train, validation, test"):
-        load_split("tiny", "dev", home=tiny_home)
+        family_split("tiny", "dev", home=tiny_home)
 
 
 def test_missing_member_names_the_build_command(tmp_path: Path) -> None:
@@ -218,13 +218,13 @@ def test_deltakit_home_follows_the_environment(monkeypatch: pytest.MonkeyPatch, 
 def test_splits_load_with_classlabels(tiny_home: Path, tmp_path: Path) -> None:
     import datasets
 
-    train = load_split("tiny", "train", home=tiny_home)
+    train = family_split("tiny", "train", home=tiny_home)
     assert train.column_names == ["text", "label"]
     assert train.features["label"].names == ["negative", "neutral", "positive"]
-    polarity = load_split("tiny", "validation", task="polarity", home=tiny_home)
+    polarity = family_split("tiny", "validation", task="polarity", home=tiny_home)
     assert polarity.features["label"].names == ["negative", "positive"]
     assert set(polarity["label"]) == {0, 1}
-    three_way = load_split("tiny", "validation", home=tiny_home)
+    three_way = family_split("tiny", "validation", home=tiny_home)
     assert len(polarity) == sum(1 for label in three_way["label"] if label != 1)
 
     folder = dataset_path("tiny", home=tiny_home, build=False)
@@ -271,5 +271,5 @@ def test_minilm_tweets_members_beat_majority(tmp_path: Path) -> None:
     base = load_file(member_path("minilm-tweets", "base", home=tmp_path, build=False) / "model.safetensors")
     assert not any(key.startswith("bert.") for key in base)
     for member in FINETUNES:
-        metrics = read_card(member_path("minilm-tweets", member, home=tmp_path, build=False))["metrics"]
+        metrics = read_model_card(member_path("minilm-tweets", member, home=tmp_path, build=False))["metrics"]
         assert metrics["validation_accuracy"] >= metrics["validation_majority_baseline"] + 0.10, (member, metrics)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from deltakit.testing.hub import LocalHub
+from tests.hubserver import LocalHub
 
 pytestmark = pytest.mark.usefixtures("hf_home")
 

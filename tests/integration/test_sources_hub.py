@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from deltakit.sources import SourceError, resolve
+from deltakit.sources import ModelRef, SourceError, resolve
 from deltakit.stats import delta_stats
 
 
@@ -134,3 +136,26 @@ def test_resolve_accepts_exactly_what_the_reader_reads(tmp_path, files, usable):
     assert str(folder) in str(err.value)
     if shards:  # the stray files are named, with what to do about them
         assert str(shards) in str(err.value) and "rename it model.safetensors" in str(err.value)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("family:tiny/sentiment3", ModelRef("family", family="tiny", member="sentiment3")),
+    ("org/name@v1", ModelRef("hub", repo_id="org/name", revision="v1")),
+    ("gpt2", ModelRef("hub", repo_id="gpt2")),
+    ("./checkpoints/base", ModelRef("local", path=Path("checkpoints/base"))),
+], ids=["family", "hub-pinned", "hub-single-name", "local"])
+def test_model_ref_parses_each_kind_and_spells_it_back(text, expected):
+    ref = ModelRef.parse(text)
+    assert ref == expected
+    assert ModelRef.parse(str(ref)) == ref
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: ModelRef.parse("family:tiny"), r"'family:tiny': a family reference is 'family:FAMILY/MEMBER'"),
+    (lambda: ModelRef.parse("org/a/b"), r"'org/a/b' is not a model reference\. Use 'org/name'"),
+    (lambda: ModelRef("hub", repo_id="org/name", member="base"), "a hub reference has no member"),
+    (lambda: ModelRef("zip"), "unknown reference kind 'zip'"),
+], ids=["family-without-member", "hub-too-deep", "stray-part", "unknown-kind"])
+def test_model_ref_is_checked_on_construction(make, match):
+    with pytest.raises(SourceError, match=match):
+        make()

@@ -15,7 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from deltakit.sweep import MethodSpec, ResidentModel, ResultStore, normalise_rates, plan_points, sweep
+from deltakit.resident import ResidentModel
+from deltakit.spec import MethodSpec, RunOptions, SweepSpec, normalise_rates
+from deltakit.store import ResultStore
+from deltakit.sweep import sweep
 
 BASE, FT = "family:tiny/base", "family:tiny/sentiment3"
 
@@ -35,8 +38,7 @@ class CountingEvaluator:
 
 
 def test_sweep_rows_are_tidy_and_references_present(tiny, tmp_path):
-    df = sweep(BASE, FT, methods=["dare", "magnitude"], rates=[0.9, 0.5, 0.5], seeds=[0, 1], eval_limit=64,
-               out=tmp_path / "s", progress=False)
+    df = sweep(SweepSpec(BASE, FT, methods=['dare', 'magnitude'], rates=[0.9, 0.5, 0.5], seeds=[0, 1], eval_limit=64), RunOptions(out=tmp_path / 's', progress=False))
     assert set(df["status"]) == {"ok"}
     acc = df[df["metric"] == "accuracy"]
     assert sorted(acc["rate"].unique()) == [0.0, 0.5, 0.9, 1.0]  # sorted, de-duplicated, references at 0 and 1
@@ -47,14 +49,16 @@ def test_sweep_rows_are_tidy_and_references_present(tiny, tmp_path):
     assert acc[acc["method"] == "dare"]["q"].round(6).tolist() == [0.5, 0.5, 0.1, 0.1]
     stored = pd.read_parquet(tmp_path / "s" / "results.parquet")
     assert len(stored) == len(df)
-    # plan_points (what progress bars count) lists exactly the points run, strategies running every seed
-    assert len(plan_points(["dare", "magnitude"], [0.9, 0.5, 0.5], [0, 1])) == df["key"].nunique() == 8
-    assert len(plan_points(["darex_q_labelled"], [0.5], [0, 1, 2], references=False)) == 3
+    # spec.points() (what progress bars count) lists exactly the points run, searches running every seed
+    grid = dict(methods=["dare", "magnitude"], rates=[0.9, 0.5, 0.5], seeds=[0, 1])
+    assert len(SweepSpec(BASE, FT, **grid).points()) == df["key"].nunique() == 8
+    spec = SweepSpec(BASE, FT, methods=["darex_q_labelled"], rates=[0.5], seeds=[0, 1, 2], references=False)
+    assert len(spec.points()) == 3
 
 
 def test_rate_one_equals_base_reference_and_rate_zero_the_finetune(tiny):
     ev = CountingEvaluator()
-    df = sweep(BASE, FT, methods=["dare"], rates=[0.0, 1.0], seeds=[3], evaluator=ev, progress=False)
+    df = sweep(SweepSpec(BASE, FT, methods=['dare'], rates=[0.0, 1.0], seeds=[3]), RunOptions(progress=False), evaluator=ev)
     acc = df[df["metric"] == "accuracy"].set_index(["method", "rate"])["value"]
     assert acc[("dare", 1.0)] == acc[("base", 1.0)]
     assert acc[("dare", 0.0)] == acc[("finetuned", 0.0)]
@@ -78,13 +82,13 @@ def test_resident_model_matches_method_on_the_delta(tiny):
 
 def test_rerun_skips_completed_points(tiny, tmp_path):
     ev = CountingEvaluator()
-    kwargs = dict(methods=["dare"], rates=[0.5, 0.9], seeds=[0], evaluator=ev, out=tmp_path / "s", progress=False)
-    first = sweep(BASE, FT, **kwargs)
+    options = RunOptions(out=tmp_path / "s", progress=False)
+    first = sweep(SweepSpec(BASE, FT, methods=["dare"], rates=[0.5, 0.9], seeds=[0]), options, evaluator=ev)
     calls = ev.calls
-    second = sweep(BASE, FT, **kwargs)
+    second = sweep(SweepSpec(BASE, FT, methods=["dare"], rates=[0.5, 0.9], seeds=[0]), options, evaluator=ev)
     assert ev.calls == calls  # nothing recomputed
     assert sorted(second["key"]) == sorted(first["key"])
-    third = sweep(BASE, FT, **dict(kwargs, rates=[0.5, 0.9, 0.99]))
+    third = sweep(SweepSpec(BASE, FT, methods=["dare"], rates=[0.5, 0.9, 0.99], seeds=[0]), options, evaluator=ev)
     assert ev.calls == calls + 1 and len(third) == len(first) + 2  # only the new point ran (2 metrics)
 
 
@@ -97,8 +101,7 @@ def test_cancel_stops_between_points(tiny, tmp_path):
         if len(seen) == 3:
             cancel.set()
 
-    df = sweep(BASE, FT, methods=["dare"], rates=[0.1, 0.3, 0.5, 0.7, 0.9], seeds=[0], evaluator=CountingEvaluator(),
-               out=tmp_path / "s", cancel=cancel, on_point=on_point, progress=False)
+    df = sweep(SweepSpec(BASE, FT, methods=['dare'], rates=[0.1, 0.3, 0.5, 0.7, 0.9], seeds=[0]), RunOptions(out=tmp_path / 's', progress=False), evaluator=CountingEvaluator(), cancel=cancel, on_point=on_point)
     assert len(seen) == 3 and df["key"].nunique() == 3
     assert ResultStore(tmp_path / "s").done_keys() == set(df["key"])
 
@@ -112,22 +115,20 @@ def test_failing_evaluator_is_recorded_and_the_sweep_goes_on(tiny, tmp_path):
             raise RuntimeError("evaluation server down")
         return {"accuracy": 0.5}
 
-    df = sweep(BASE, FT, methods=["dare"], rates=[0.5, 0.9], seeds=[0], evaluator=flaky, out=tmp_path / "s",
-               progress=False, references=False)
+    df = sweep(SweepSpec(BASE, FT, methods=['dare'], rates=[0.5, 0.9], seeds=[0], references=False), RunOptions(out=tmp_path / 's', progress=False), evaluator=flaky)
     failed = df[df["status"] == "failed"]
     assert len(failed) == 1 and "evaluation server down" in failed["error"].iloc[0]
     assert (df["status"] == "ok").sum() == 1
     # The failed point is retried by the next run; the finished one is not.
-    again = sweep(BASE, FT, methods=["dare"], rates=[0.5, 0.9], seeds=[0], evaluator=flaky, out=tmp_path / "s",
-                  progress=False, references=False)
+    again = sweep(SweepSpec(BASE, FT, methods=['dare'], rates=[0.5, 0.9], seeds=[0], references=False), RunOptions(out=tmp_path / 's', progress=False), evaluator=flaky)
     assert calls["n"] == 3 and set(again["status"]) == {"ok"} and len(again) == 2
 
 
 def test_bad_input(tiny):
     with pytest.raises(KeyError, match="dare"):
-        sweep(BASE, FT, methods=["nope"], rates=[0.5], evaluator=CountingEvaluator(), progress=False)
+        sweep(SweepSpec(BASE, FT, methods=['nope'], rates=[0.5]), RunOptions(progress=False), evaluator=CountingEvaluator())
     with pytest.raises(ValueError, match="1.5"):
-        sweep(BASE, FT, rates=[0.5, 1.5], evaluator=CountingEvaluator(), progress=False)
+        sweep(SweepSpec(BASE, FT, rates=[0.5, 1.5]), RunOptions(progress=False), evaluator=CountingEvaluator())
     with pytest.raises(ValueError, match="no pruning rates"):
         normalise_rates([])
     with pytest.raises(ValueError, match="KEY=VALUE"):
@@ -148,7 +149,7 @@ def test_dataset_without_columns_or_with_foreign_labels(tiny, tmp_path):
 
     wrong = ds.cast_column("label", Value("int64")).map(lambda r: {"label": r["label"] + 5})
     with pytest.raises(ValueError, match="num_labels=3"):
-        sweep(BASE, FT, methods=["dare"], rates=[0.5], evaluator=ClassificationEvaluator(wrong, tok), progress=False)
+        sweep(SweepSpec(BASE, FT, methods=['dare'], rates=[0.5]), RunOptions(progress=False), evaluator=ClassificationEvaluator(wrong, tok))
 
 
 def test_glue_task_through_the_local_hub(tiny, local_hub, hf_home, tmp_path):
@@ -163,8 +164,7 @@ def test_glue_task_through_the_local_hub(tiny, local_hub, hf_home, tmp_path):
             "    path: sst2/validation-*\n---\n# glue\n")
     local_hub.commit("nyu-mll/glue", {"README.md": card.encode(), "sst2/validation-00000-of-00001.parquet": path},
                      repo_type="dataset")
-    df = sweep(BASE, "family:tiny/polarity", methods=["dare"], rates=[0.5], seeds=[0], task="glue/sst2",
-               split="validation", progress=False, references=False)
+    df = sweep(SweepSpec(BASE, 'family:tiny/polarity', methods=['dare'], rates=[0.5], seeds=[0], task='glue/sst2', split='validation', references=False), RunOptions(progress=False))
     metrics = set(df["metric"])
     assert {"accuracy", "f1", "score"} <= metrics
     row = df.set_index("metric")["value"]
@@ -174,6 +174,7 @@ def test_glue_task_through_the_local_hub(tiny, local_hub, hf_home, tmp_path):
 KILL_SCRIPT = """
 import sys, time, json
 sys.path.insert(0, {root!r})
+from deltakit.spec import RunOptions, SweepSpec
 from deltakit.sweep import sweep
 
 class Slow:
@@ -182,8 +183,9 @@ class Slow:
         time.sleep(0.4)
         return {{"accuracy": float(model.bert.encoder.layer[0].attention.self.query.weight.abs().mean())}}
 
-sweep("family:tiny/base", "family:tiny/sentiment3", methods=["dare"], rates=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
-      seeds=[0], evaluator=Slow(), out={out!r}, progress=False)
+sweep(SweepSpec("family:tiny/base", "family:tiny/sentiment3", methods=["dare"],
+                rates=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], seeds=[0]),
+      RunOptions(out={out!r}, progress=False), evaluator=Slow())
 print("DONE")
 """
 

@@ -16,8 +16,8 @@ from deltakit.darex import (
     optimal_q,
     phi,
     q_for_tensor,
-    two_stage_grid_search,
 )
+from deltakit.grid_search import two_stage_grid_search
 
 
 def _c(rows: int, cols: int, *, mean: float = 0.0, seed: int = 0) -> torch.Tensor:

@@ -211,8 +211,8 @@ def test_row_and_col_masks_are_whole_rows_and_columns():
     cols = masks.keep_mask(1, "w", shape, 0.5, axis="col").reshape(40, 30)
     assert torch.equal(rows, rows[:, :1].expand(40, 30))
     assert torch.equal(cols, cols[:1, :].expand(40, 30))
-    assert torch.equal(rows[:, 0], masks.row_uniform(1, "w", 40) >= np.float32(0.5))
-    assert torch.equal(cols[0], masks.col_uniform(1, "w", 30) >= np.float32(0.5))
+    assert torch.equal(rows[:, 0], masks.uniform(masks.tensor_key(1, "w", "row"), 40) >= np.float32(0.5))
+    assert torch.equal(cols[0], masks.uniform(masks.tensor_key(1, "w", "col"), 30) >= np.float32(0.5))
 
 
 def test_rate_validation_and_edges():

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from deltakit import plots
+from deltakit.summary import summarise
 
 
 def _rows() -> pd.DataFrame:
@@ -22,8 +23,8 @@ def _rows() -> pd.DataFrame:
     return df
 
 
-def test_curve_data_student_t_interval_over_seeds():
-    c = plots.curve_data(_rows()).set_index(["label", "rate"])
+def test_summarise_student_t_interval_over_seeds():
+    c = summarise(_rows()).set_index(["label", "rate"])
     r = c.loc[("dare", 0.99)]
     assert r["n_seeds"] == 3  # the failed point is left out
     assert r["mean"] == pytest.approx(0.65)
@@ -31,16 +32,16 @@ def test_curve_data_student_t_interval_over_seeds():
     assert (r["hi"] - r["lo"]) / 2 == pytest.approx(4.302653 * 0.05 / math.sqrt(3), rel=1e-5)
     mag = c.loc[("magnitude", 0.5)]
     assert mag["n_seeds"] == 1 and mag["lo"] == mag["hi"] == 0.7  # one seed: no interval
-    mm = plots.curve_data(_rows(), interval="minmax").set_index(["label", "rate"]).loc[("dare", 0.99)]
+    mm = summarise(_rows(), interval="minmax").set_index(["label", "rate"]).loc[("dare", 0.99)]
     assert (mm["lo"], mm["hi"]) == (0.60, 0.70)
     assert {"finetuned", "base"} <= set(c.reset_index()["method"])
 
 
-def test_curve_data_bad_input_names_the_choices():
+def test_summarise_bad_input_names_the_choices():
     with pytest.raises(ValueError, match="ci95"):
-        plots.curve_data(_rows(), interval="iqr")
+        summarise(_rows(), interval="iqr")
     with pytest.raises(ValueError, match="accuracy"):
-        plots.curve_data(_rows(), metric="f1")
+        summarise(_rows(), metric="f1")
 
 
 @pytest.mark.parametrize("log_rate", [False, True])

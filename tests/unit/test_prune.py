@@ -9,8 +9,9 @@ import torch
 
 from deltakit import masks
 from deltakit.kernels.apply import fused_apply_torch, interpreter_enabled
+from deltakit.kernels.fused import _BLOCK
 from deltakit.methods import available_methods, get_method
-from deltakit.prune import _BLOCK, apply_method
+from deltakit.prune import apply_method
 
 ALL = available_methods()
 RANDOM = [m for m in ALL if get_method(m).random]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from deltakit.stats import DeltaStats, Partials, delta_stats, partials_torch
+from deltakit.partials import Partials, partials_torch
+from deltakit.stats import DeltaStats, delta_stats
 from synthetic import bert_like, write_checkpoint
 
 

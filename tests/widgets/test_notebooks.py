@@ -1,4 +1,4 @@
-"""The notebooks are committed clean and follow the house rules (STYLE.md, "A notebook").
+"""The notebooks are committed clean and follow the house rules for notebooks, listed below.
 
 Running them is nbval's job (``pytest --nbval-lax ... notebooks/``); this file checks, without a kernel, what a run
 cannot: no outputs or execution counts are committed, the first code cell holds only commented UPPER_CASE
