@@ -23,14 +23,14 @@ import time
 
 import torch
 
-from deltakit.demo import DEMO_RATES
+from deltakit.demo import FULL
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="minilm-tweets")
     parser.add_argument("--member", default="sentiment3")
-    parser.add_argument("--rates", nargs="+", type=float, default=list(DEMO_RATES), help="default: the demo's grid")
+    parser.add_argument("--rates", nargs="+", type=float, default=list(FULL.rates), help="default: the full demo grid")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--limit", type=int, default=200, help="test examples per evaluation")
     args = parser.parse_args()

@@ -8,9 +8,20 @@ delta stream feeds statistics (:mod:`deltakit.stats`) and pruning methods (:mod:
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 # Idle OpenMP threads spin by default; on a small shared machine that slows torch several-fold whenever anything
-# else runs (measured: 7 s vs 2 s per training step on 2 cores). Must be set before torch is first imported.
+# else runs (measured: 7 s vs 2 s per training step on 2 cores). OpenMP reads the policy once, when torch is
+# first imported: setting it here works only if deltakit comes first, so say once what to do otherwise.
+if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+    warnings.warn(
+        "torch was imported before deltakit, so its OpenMP threads spin while idle, which makes deltakit several "
+        "times slower whenever anything else runs on the machine (benchmarks/import_order.py measures it). Set "
+        "OMP_WAIT_POLICY=PASSIVE in the environment before Python starts (e.g. `export OMP_WAIT_POLICY=PASSIVE`, "
+        "or %env OMP_WAIT_POLICY=PASSIVE in the first cell of a notebook), or import deltakit before torch.",
+        stacklevel=2,
+    )
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from deltakit.pairing import PRESETS, Pairing, PairingError, pair_models

@@ -98,8 +98,9 @@ class _Story:
         top = rows.loc[rows["rate"].idxmax()]
         info = get_method(top["method"])
         q = f", q {top['q']:.3f}" if info.prepare and top["q"] == top["q"] else ""  # a searched q (not NaN)
-        line = (f"{member}: {info.pretty_name} at rate {top['rate']:g}: accuracy {top['mean']:.3f} over "
-                f"{int(top['n_seeds'])} seeds{q} (fine-tune {refs['finetuned']:.3f}, base {refs['base']:.3f})")
+        seeds = f"{int(top['n_seeds'])} seed{'s' if top['n_seeds'] > 1 else ''}"
+        line = (f"{member}: {info.pretty_name} at rate {top['rate']:g}: accuracy {top['mean']:.3f} over {seeds}{q} "
+                f"(fine-tune {refs['finetuned']:.3f}, base {refs['base']:.3f})")
         self.findings.append(line)
         self.say(line)
 

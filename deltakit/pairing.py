@@ -33,7 +33,7 @@ from deltakit.names import MODULE_KINDS, is_head, layer_index, module_kind
 from deltakit.refs import Snapshot
 from deltakit.tensors import TensorReader
 
-__all__ = ["PRESETS", "Preset", "prunable_selector", "TensorPair", "Pairing", "PairingError", "pair_models",
+__all__ = ["DEFAULT_PRESET", "PRESETS", "Preset", "prunable_selector", "TensorPair", "Pairing", "PairingError", "pair_models",
            "module_kind", "layer_index", "MODULE_KINDS"]
 
 
@@ -65,6 +65,8 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
+#: The preset used when none is named (encoders, as in MergeLM).
+DEFAULT_PRESET = "mergelm_encoder"
 _VOCAB_KINDS = ("embedding", "head")  # kinds whose dim 0 may be vocabulary rows (``shared_rows``)
 
 
@@ -227,7 +229,7 @@ def pair_models(
     base: Snapshot,
     ft: Snapshot,
     *,
-    preset: str = "mergelm_encoder",
+    preset: str = DEFAULT_PRESET,
     include: list[str] | tuple[str, ...] | None = None,
     exclude: list[str] | tuple[str, ...] | None = None,
     shared_rows: bool = False,

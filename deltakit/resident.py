@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from deltakit import masks
-from deltakit.pairing import pair_models
+from deltakit.pairing import DEFAULT_PRESET, pair_models
 from deltakit.prune import apply_method, check_finite_delta
 from deltakit.refs import Snapshot, SourceError
 from deltakit.tensors import TensorReader
@@ -125,7 +125,7 @@ class ResidentModel:
         ValueError: nothing is prunable, or a prunable tensor of the checkpoint is not a parameter of the model.
     """
 
-    def __init__(self, base: Snapshot, fine_tune: Snapshot, *, preset: str = "mergelm_encoder",
+    def __init__(self, base: Snapshot, fine_tune: Snapshot, *, preset: str = DEFAULT_PRESET,
                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                  shared_rows: bool = False, device: str | torch.device = "cpu",
                  model_loader: Callable[[Path], torch.nn.Module] | None = None, cache_uniforms: bool = True) -> None:

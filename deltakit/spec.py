@@ -24,7 +24,7 @@ import torch
 
 from deltakit import masks
 from deltakit.methods import get_method, reference_methods
-from deltakit.pairing import prunable_selector
+from deltakit.pairing import DEFAULT_PRESET, prunable_selector
 
 __all__ = ["DEFAULT_METHODS", "DEFAULT_PRESET", "DEFAULT_RATES", "DEFAULT_SEEDS", "MethodSpec", "RunOptions", "SweepSpec",
            "normalise_rates"]
@@ -32,7 +32,6 @@ __all__ = ["DEFAULT_METHODS", "DEFAULT_PRESET", "DEFAULT_RATES", "DEFAULT_SEEDS"
 DEFAULT_METHODS = ("dare",)
 DEFAULT_RATES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)
 DEFAULT_SEEDS = (0, 1)
-DEFAULT_PRESET = "mergelm_encoder"
 
 
 @dataclass(frozen=True)
@@ -119,8 +118,8 @@ def check_method_spec(spec: MethodSpec, rates: Sequence[float]) -> None:
             shown = getattr(annotation, "__name__", None) or str(annotation).replace("torch.", "")
             raise ValueError(f"{spec.label}: parameter {key} must be {shown}, got {value!r} "
                              f"({type(value).__name__}); e.g. {spec.name}:{key}=<value>.")
-    if info.fn is None:  # a prepared entry: its search checks its own parameters when it runs
-        return
+    if info.fn is None or info.prepare is not None:  # a prepare step supplies inputs (a q, activation norms)
+        return  # that a dummy delta cannot have: the step checks its own parameters when it runs
     dummy = torch.linspace(-1.0, 1.0, 16).reshape(4, 4)
     for rate in rates:
         try:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from deltakit.fileio import json_default, write_atomically
 from deltakit.kernels import partials_triton, resolve_backend
-from deltakit.pairing import Pairing, TensorPair, pair_models
+from deltakit.pairing import DEFAULT_PRESET, Pairing, TensorPair, pair_models
 from deltakit.partials import (
     BINS_PER_DECADE,
     HIST_LOG10_HI,
@@ -194,7 +194,7 @@ def delta_stats(
     base: str | Snapshot,
     fine_tunes: Sequence[str | Snapshot],
     *,
-    preset: str = "mergelm_encoder",
+    preset: str = DEFAULT_PRESET,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     shared_rows: bool = False,

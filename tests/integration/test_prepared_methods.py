@@ -70,6 +70,13 @@ def test_no_search_at_the_end_rates(context, rate, q):
         assert chosen.q == q and chosen.record["evaluations"] == 0
 
 
+def test_every_registry_entry_makes_a_valid_spec():
+    """A spec accepts every entry at every rate: inputs a prepare step supplies are not asked of the user."""
+    spec = SweepSpec(BASE, FT, methods=[m for m in sweep_methods() if m != "darex_q"] + ["darex_q:q=1.0"],
+                     rates=[0.0, 0.3, 0.9, 1.0])
+    assert {m.name for m, _, _ in spec.points()} >= {"wanda", "darex_q_labelled", "finetuned", "base"}
+
+
 def test_wanda_prepare_gives_activation_norms_per_linear_weight(context):
     prepared = get_method("wanda").prepare(context, rate=0.5, seed=0)
     shapes = {t.name: t.ft.shape for t in context.targets}
