@@ -6,11 +6,11 @@ Writes ``reports/fidelity.md`` (the table, with seeds and 95% intervals, and a p
 ``reports/fidelity-results.parquet`` (every sweep row). Sweep results are cached under ``reports/.fidelity-runs``
 (resumable: a rerun only computes missing points). Claims (DARE, arXiv:2311.03099; DAREx, arXiv:2410.09344):
 
-(a) SFT deltas are small: most entries below 0.005 (lr 5e-5 members) -- "within 0.005" (MergeLM README).
+(a) SFT deltas are small: most entries below 0.005 (the standard members) -- "within 0.005" (MergeLM README).
 (b) DARE keeps accuracy up to about 90% drop on an SFT fine-tune.
 (c) DARE collapses at 99%, and DAREx-q (rescale 1/q, q searched on labelled validation data, or on the unlabelled
     output change) recovers.
-(d) With large deltas (``sentiment3-hot``, lr 1e-3) DARE fails earlier, and magnitude / WANDA-style pruning do better.
+(d) With large deltas (``sentiment3-hot``, a 10x larger learning rate) DARE fails earlier, and magnitude / WANDA-style pruning do better.
 (e) A fine-tune trained with AdamR (delta-regularised, DAREx-L2) is more prunable by DARE at high rates.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from deltakit.families import get_family
 from deltakit.spec import RunOptions, SweepSpec
 from deltakit.stats import delta_stats
 from deltakit.summary import summarise
@@ -35,8 +36,6 @@ def _member(name: str) -> str:
 
 
 def _has_member(name: str) -> bool:
-    from deltakit.families import get_family
-
     return name in get_family(FAMILY).members
 
 
@@ -108,8 +107,10 @@ def main() -> None:
         lines.append(f"| {m} | {r['mean_abs']:.2e} | {r['max_abs']:.3g} | {r['frac_below_0.005']:.4f} | "
                      f"{r['frac_below_0.002']:.4f} |")
     s3 = ov.loc["sentiment3"]
-    lines += ["", f"Verdict: {'holds' if s3['frac_below_0.005'] > 0.99 else 'does not hold'} for the lr 5e-5 "
-              f"member ({s3['frac_below_0.005']:.2%} of entries below 0.005); the lr 1e-3 member's mean |delta| is "
+    lr = {m: get_family(FAMILY).finetune(m).recipe.learning_rate for m in ("sentiment3", "sentiment3-hot")}
+    lines += ["", f"Verdict: {'holds' if s3['frac_below_0.005'] > 0.99 else 'does not hold'} for the "
+              f"lr {lr['sentiment3']:g} member ({s3['frac_below_0.005']:.2%} of entries below 0.005); the "
+              f"lr {lr['sentiment3-hot']:g} member's mean |delta| is "
               f"{ov.loc['sentiment3-hot', 'mean_abs'] / s3['mean_abs']:.1f}x larger.", ""]
 
     ft3, base3 = ref("sentiment3", "finetuned"), ref("sentiment3", "base")
