@@ -34,18 +34,12 @@ def _cmd_family_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(out: str) -> None:
-    """Refuse an output folder that cannot be written, before any work starts."""
-    from deltakit.store import check_writable_folder
-
-    check_writable_folder(out)
-
-
 def _cmd_stats(args: argparse.Namespace) -> int:
     from deltakit.stats import delta_stats
+    from deltakit.store import check_writable_folder
 
     if args.out:
-        _check_out(args.out)  # before minutes of work, not after
+        check_writable_folder(args.out)  # before minutes of work, not after
     stats = delta_stats(
         args.base, args.fine_tunes, preset=args.preset, include=args.include, exclude=args.exclude,
         shared_rows=args.shared_rows, device=args.device, allow_pickle=args.allow_pickle, progress=not args.json,

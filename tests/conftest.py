@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
+
 # Without a GPU, Triton runs its kernels in the CPU interpreter (it must be set before anything imports triton).
 # On a machine with an NVIDIA driver the kernels compile for the device, so the `gpu` tests test the real thing.
 if not os.path.exists("/dev/nvidiactl"):
@@ -144,6 +146,40 @@ def tiny(tiny_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # The `fast` tier (`python -m pytest -m fast`, well under a minute on 2 cores) for the edit-test loop: pure functions
 # on synthetic tensors, no family to build, no model to download.
 _FAST = (Path(__file__).parent / "unit", Path(__file__).parent / "hostile" / "test_hostile_reader.py")
+
+
+def _card(front: dict) -> str:
+    return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n# test model\n"
+
+
+@pytest.fixture(scope="session")
+def bert_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders ``base``, ``ft1`` (small deltas) and ``ft2`` (larger deltas); member -> folder."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    root = tmp_path_factory.mktemp("bert-family")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    base = BertModel(cfg)
+    base.save_pretrained(root / "base")
+    (root / "base" / "README.md").write_text(_card({"model_id": "test/base"}))
+    out = {"base": root / "base"}
+    for i, (name, scale) in enumerate((("ft1", 0.01), ("ft2", 0.05))):
+        ft = BertForSequenceClassification(cfg)
+        ft.bert.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(i + 1)
+        with torch.no_grad():
+            for p in ft.bert.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
+        ft.save_pretrained(root / name)
+        (root / name / "README.md").write_text(_card({"base_model": "test/base", "base_model_relation": "finetune"}))
+        out[name] = root / name
+    return out
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

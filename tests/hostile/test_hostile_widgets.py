@@ -24,26 +24,11 @@ from deltakit.widgets import ModelPicker, StatsDashboard, SweepPanel
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def models(tmp_path_factory: pytest.TempPathFactory, bert_family: dict[str, Path]) -> dict[str, str]:
     """Model folders and other values the cases refer to by name (``{base}``, ``{corrupt}``, ...)."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     root = tmp_path_factory.mktemp("hostile-widgets")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                     max_position_embeddings=32, num_labels=2)
-    base = BertModel(cfg)
-    base.save_pretrained(root / "base")
-    ft = BertForSequenceClassification(cfg)
-    ft.bert.load_state_dict(base.state_dict())
-    with torch.no_grad():
-        for p in ft.bert.parameters():
-            p.add_(0.01 * torch.randn(p.shape))
-    ft.save_pretrained(root / "ft")
+    shutil.copytree(bert_family["base"], root / "base")
+    shutil.copytree(bert_family["ft1"], root / "ft")
     shutil.copytree(root / "ft", root / "gpt")  # same tensors, another architecture
     (root / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     for name in ("corrupt", "weightless"):

@@ -1,4 +1,4 @@
-"""Fixtures for the widget tests: a tiny BERT base and two fine-tunes on disk (built in about a second).
+"""Fixtures for the widget tests: ``bert_family`` (tests/conftest.py) published to the local Hub.
 
 The models are real ``transformers`` checkpoints (a bare ``BertModel`` base, ``BertForSequenceClassification``
 fine-tunes with keys under ``bert.`` and a new head), so the widgets go through the same resolve / pairing /
@@ -18,36 +18,6 @@ _orgs = itertools.count()
 
 def _card(front: dict) -> str:
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n# test model\n"
-
-
-@pytest.fixture(scope="session")
-def bert_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Folders ``base``, ``ft1`` (small deltas) and ``ft2`` (larger deltas); member -> folder."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    root = tmp_path_factory.mktemp("bert-family")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=32, num_labels=2)
-    base = BertModel(cfg)
-    base.save_pretrained(root / "base")
-    (root / "base" / "README.md").write_text(_card({"model_id": "test/base"}))
-    out = {"base": root / "base"}
-    for i, (name, scale) in enumerate((("ft1", 0.01), ("ft2", 0.05))):
-        ft = BertForSequenceClassification(cfg)
-        ft.bert.load_state_dict(base.state_dict())
-        g = torch.Generator().manual_seed(i + 1)
-        with torch.no_grad():
-            for p in ft.bert.parameters():
-                p.add_(scale * torch.randn(p.shape, generator=g))
-        ft.save_pretrained(root / name)
-        (root / name / "README.md").write_text(_card({"base_model": "test/base", "base_model_relation": "finetune"}))
-        out[name] = root / name
-    return out
 
 
 @pytest.fixture
