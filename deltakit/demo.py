@@ -31,6 +31,7 @@ from deltakit.methods import get_method, reference_methods
 from deltakit.report import write_html_report
 from deltakit.spec import RunOptions, SweepSpec
 from deltakit.stats import DeltaStats, delta_stats
+from deltakit.store import check_writable_folder
 from deltakit.summary import summarise
 from deltakit.sweep import sweep
 
@@ -161,14 +162,24 @@ def run_demo(out: str | Path = "deltakit-demo", *, family: str = "minilm-tweets"
 
     Returns:
         The path of ``index.html``.
+
+    Raises:
+        deltakit.store.StoreError: ``out`` cannot be written (checked before anything is built).
+        ValueError: a grid that cannot run (e.g. ``eval_limit`` 0), before anything is built.
     """
     from deltakit.families import build_family
 
     out = Path(out)
+    check_writable_folder(out)  # before minutes of building, not after
     story = _Story(out, family, grid, echo)
     ref = f"family:{family}/{{}}".format
     built: list[str] = []
-    for member, method in _PLAN:
+    # One sweep per method, so that each finding is reported as soon as it is measured; the reference points are
+    # computed by a member's first sweep and found in its results store by the next ones. The specs are built (and
+    # so checked) before anything else runs.
+    specs = [SweepSpec(ref("base"), ref(member), methods=[method], rates=grid.rates, seeds=grid.seeds,
+                       eval_limit=grid.eval_limit, search_limit=grid.search_limit) for member, method in _PLAN]
+    for (member, _), spec in zip(_PLAN, specs):
         if member not in built:  # build a member only when its turn comes: the first result does not wait
             new = [member] + ([] if built else list(grid.extra_members))
             story.say(f"building {', '.join(new)} (once per machine)")
@@ -178,10 +189,6 @@ def run_demo(out: str | Path = "deltakit-demo", *, family: str = "minilm-tweets"
                                                                     progress=progress))
             story.stats.save(out / "stats")
             story.say("delta statistics of " + ", ".join(built))
-        # One sweep per method, so that each finding is reported as soon as it is measured; the reference points
-        # are computed by the member's first sweep and found in its results store by the next ones.
-        spec = SweepSpec(ref("base"), ref(member), methods=[method], rates=grid.rates, seeds=grid.seeds,
-                         eval_limit=grid.eval_limit, search_limit=grid.search_limit)
         rows = story.timed("sweeps_s", lambda: sweep(spec, RunOptions(out=out / "sweeps" / member,
                                                                       progress=progress)))
         story.results[member] = pd.concat([story.results.get(member), rows]).drop_duplicates(["key", "metric"])

@@ -249,3 +249,20 @@ def test_stats_save_replaces_files_atomically(tiny, tmp_path, monkeypatch):
 def test_debug_shows_the_traceback(no_loading, tiny, tmp_path):
     with pytest.raises(ValueError, match="q=2"):
         main(["--debug", "sweep", BASE, FT, "--methods", "darex_q:q=2", "--rates", "0.5"])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--limit", "0"], ["eval_limit", "0", "positive"]),
+    (["--out", "{file}"], ["{file}", "is a file"]),
+], ids=["limit-zero", "out-is-a-file"])
+def test_bad_demo_request_is_refused_before_building(args, words, tmp_path, capsys, monkeypatch):
+    """The demo builds fine-tunes for minutes: a request it cannot finish fails before the first one."""
+    monkeypatch.setattr("deltakit.families.build_family", lambda *a, **k: pytest.fail("built before checking"))
+    target = tmp_path / "file"
+    target.write_text("x")
+    fill = {"file": str(target)}
+    t0 = time.perf_counter()
+    code = main(["demo", "--out", str(tmp_path / "demo"), *[a.format(**fill) for a in args]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("deltakit: error:") and time.perf_counter() - t0 < 10
+    assert all(w.format(**fill) in err for w in words), err
