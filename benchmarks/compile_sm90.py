@@ -3,8 +3,9 @@
 The Triton interpreter (used by the unit tests) runs kernels as NumPy code and never meets the GPU compiler, so a
 kernel can pass every interpreter test and still fail to compile. This script builds PTX and a cubin for each
 kernel variant with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` (the triton wheel ships
-ptxas), the same launch options as the library (fp fusion disabled), and checks that the fused-apply PTX has no
-fused multiply-add (the bit-for-bit parity with the torch reference depends on it).
+ptxas), the same launch options as the library (fp fusion disabled), and checks that the PTX of the fused apply and
+the fused merge has no fused multiply-add and no approximate fp32 division (the bit-for-bit parity with the torch
+references depends on both).
 
 Usage::
 
@@ -36,17 +37,28 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from deltakit.kernels import apply as apply_mod  # noqa: E402
+from deltakit.kernels import merge_triton as merge_mod  # noqa: E402
 from deltakit.kernels import stats as stats_mod  # noqa: E402
-from deltakit.kernels import triton_apply, triton_stats  # noqa: E402
+from deltakit.kernels import triton_apply, triton_merge, triton_stats  # noqa: E402
 from deltakit.partials import BINS_PER_DECADE, HIST_LOG10_LO, N_BINS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = ("fp32", "fp16", "bf16")
 _FMA = re.compile(r"\bfma\.rn\.f32\b")
+# `/` on fp32 lowers to div.full.f32 (about 2 ulp); exact kernels must use tl.div_rn (div.rn.f32).
+_APPROX_DIV = re.compile(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b")
+# Fused-merge variants: (K, dtype, combine, random, window, type of n_elements). K = 3 covers every combination of
+# the flags per dtype; K = 1 and K = 8 (the unroll limit) the extremes of the loop over fine-tunes.
+_MERGE_VARIANTS = [(3, dt, combine, random, window, "i64") for dt in DTYPES for combine in (0, 1)
+                   for random, window in ((False, False), (True, False), (False, True))]
+_MERGE_VARIANTS += [(1, "fp32", 0, True, False, "i32"), (8, "bf16", 1, True, True, "i32"),
+                    (8, "fp16", 0, True, True, "i64")]
 
 
 def _variants() -> list[tuple[str, object, dict, dict, dict, bool]]:
-    """(label, jit function, signature, constexprs, options, no_fp32_fma) for every variant the library launches.
+    """(label, jit function, signature, constexprs, options, exact) for every variant the library launches.
+
+    ``exact``: the PTX must hold no fp32 FMA and no approximate fp32 division.
 
     Block sizes and warp counts are the library's own CUDA defaults, so this compiles what a GPU would run.
     """
@@ -80,6 +92,31 @@ def _variants() -> list[tuple[str, object, dict, dict, dict, bool]]:
                "BLOCK_SIZE": "constexpr"}
         out.append((f"uniform[aligned={aligned}]", triton_apply.uniform_kernel, sig,
                     {"ALIGNED": aligned, "BLOCK_SIZE": apply_mod._CUDA_BLOCK}, apply_opts, True))
+    merge_opts = {"num_warps": merge_mod.CUDA_WARPS, "enable_fp_fusion": False}
+    for k, dt, combine, random, window, n_type in _MERGE_VARIANTS:
+        sig = {
+            "dst_ptr": f"*{dt}",
+            "base_ptr": f"*{dt}",
+            "fts_ptr": f"*{dt}",
+            "keys_ptr": "*i64",
+            "scales_ptr": "*fp32",
+            "lo_ptr": "*fp32",
+            "hi_ptr": "*fp32",
+            "n_elements": n_type,
+            "rate": "fp32",
+            "lam": "fp32",
+            "K": "constexpr",
+            "COMBINE": "constexpr",
+            "RANDOM": "constexpr",
+            "WINDOW": "constexpr",
+            "ROUND_BF16": "constexpr",
+            "BLOCK_SIZE": "constexpr",
+        }
+        const = {"K": k, "COMBINE": combine, "RANDOM": random, "WINDOW": window, "ROUND_BF16": dt == "bf16",
+                 "BLOCK_SIZE": merge_mod.CUDA_BLOCK}
+        label = (f"fused_merge[{dt}, K={k}, {('sum', 'ties')[combine]}, random={int(random)}, "
+                 f"window={int(window)}, n {n_type}]")
+        out.append((label, triton_merge.fused_merge_kernel, sig, const, merge_opts, True))
     hist_bins = 1 << (N_BINS - 1).bit_length()
     for dt in DTYPES:
         sig = {
@@ -123,7 +160,7 @@ def main() -> int:
     failures = 0
     variants = _variants()
     t_all = time.perf_counter()
-    for label, fn, sig, const, options, no_fma in variants:
+    for label, fn, sig, const, options, exact in variants:
         t0 = time.perf_counter()
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=TARGET,
@@ -131,15 +168,18 @@ def main() -> int:
             ptx = compiled.asm["ptx"]
             cubin = compiled.asm["cubin"]
             n_fma = len(_FMA.findall(ptx))
-            if no_fma and n_fma:
+            if exact and n_fma:
                 raise RuntimeError(f"{n_fma} fp32 FMA in the PTX although fp fusion is disabled")
-            print(f"OK   {label:<55} {time.perf_counter() - t0:5.2f}s  warps {options['num_warps']}  ptx {len(ptx) // 1024:4d} KiB  "
+            n_div = len(_APPROX_DIV.findall(ptx))
+            if exact and n_div:
+                raise RuntimeError(f"{n_div} approximate fp32 divisions in the PTX (use tl.div_rn)")
+            print(f"OK   {label:<66} {time.perf_counter() - t0:5.2f}s  warps {options['num_warps']}  ptx {len(ptx) // 1024:4d} KiB  "
                   f"cubin {len(cubin) // 1024:4d} KiB  shared {compiled.metadata.shared:6d} B  "
                   f"{_registers(cubin)}  fp32-fma {n_fma}")
         except Exception as exc:  # report every failure, then exit non-zero
             failures += 1
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"FAIL {label:<55} {type(exc).__name__}: {first}")
+            print(f"FAIL {label:<66} {type(exc).__name__}: {first}")
     total = time.perf_counter() - t_all
     print(f"summary: {len(variants) - failures}/{len(variants)} kernel variants compiled for sm_90 in {total:.1f}s, "
           f"{failures} failed")

@@ -2,7 +2,9 @@
 
 The flow: a model reference resolves to a local snapshot (:mod:`deltakit.sources`), tensors are read
 lazily one at a time (:mod:`deltakit.tensors`), base and fine-tune are paired (:mod:`deltakit.pairing`), and the
-delta stream feeds statistics (:mod:`deltakit.stats`) and pruning methods (:mod:`deltakit.methods`).
+delta stream feeds statistics (:mod:`deltakit.stats`) and pruning methods (:mod:`deltakit.methods`). Sweeps
+(:mod:`deltakit.sweep`) prune a resident fine-tune over rates and seeds; merges (:mod:`deltakit.merge`) combine several
+fine-tunes of one base; :mod:`deltakit.export` writes what was pruned or merged.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
     deltakit family build [NAME ...]
     deltakit stats BASE FT [FT ...] [--out DIR] [--json]
     deltakit sweep BASE FT --methods dare magnitude --rates 0.5 0.9 --seeds 0 1 [--task T] [--out DIR]
+    deltakit merge BASE FT1 FT2 [FT ...] --methods ta ties dare_ta --rates 0.5 0.9 --lambdas 0.5 1 [--out DIR]
+    deltakit export BASE FT [FT ...] --method dare --rate 0.9 --seed 0 --out DIR [--compact] [--push-to-hub ORG/NAME]
     deltakit demo [--out DIR]
 """
 
@@ -69,15 +71,82 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{metric}, mean over seeds:")
         print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"results: {args.out}/results.parquet")
-    failed = df[df["status"] == "failed"]
-    if len(failed):
-        reasons = failed.groupby("error")["key"].nunique().sort_values(ascending=False)
-        print(f"deltakit: error: {failed['key'].nunique()} point(s) failed; finished points are kept and a rerun "
-              "retries only the failed ones. Reasons:", file=sys.stderr)
-        for error, n in reasons.items():
-            print(f"  {n} x {error}", file=sys.stderr)
-        return 1
+    return _report_failed(df)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from deltakit.merge import merge_summary, merge_sweep, write_merge_report
+    from deltakit.spec import MergeSpec, RunOptions
+
+    spec = MergeSpec(args.base, args.fine_tunes, methods=args.methods, rates=args.rates, lambdas=args.lambdas,
+                     seeds=args.seeds, preset=args.preset, include=args.include, exclude=args.exclude,
+                     tasks=args.tasks, split=args.split, eval_limit=args.limit)
+    df = merge_sweep(spec, RunOptions(device=args.device, backend=args.backend, out=args.out, wait=args.wait))
+    ok = df[df["status"] == "ok"]
+    if len(ok):
+        metric = "accuracy" if "accuracy" in set(ok["metric"]) else ok["metric"].iloc[0]
+        print(f"{metric} per task, mean over seeds:")
+        print(merge_summary(df, metric).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+        print(f"report: {write_merge_report(df, f'{args.out}/index.html', metric=metric)}")
+    print(f"results: {args.out}/results.parquet")
+    return _report_failed(df)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from deltakit import export
+    from deltakit.spec import MethodSpec
+    from deltakit.store import ResultStore
+
+    from deltakit.methods import get_merge, get_method
+
+    method = MethodSpec.parse(args.method)
+    params = dict(method.params)
+    merging = len(args.fine_tunes) > 1
+    random = (get_merge if merging else get_method)(method.name).random
+    metrics = None
+    if args.results:  # the point's measured metrics, for the card
+        for r in ResultStore(args.results).records():
+            if (r["status"] == "ok" and r["method"] == method.name and r["rate"] == args.rate
+                    and json.loads(r["params"]) == params and (r["seed"] == args.seed or not random)
+                    and (not merging or r.get("lam") == args.lam)):
+                metrics = r["metrics"]
+                if merging:  # a merge point's metrics are per task: the exported head's task
+                    metrics = list(metrics.values())[args.head]
+                break
+        if metrics is None:
+            raise ValueError(f"{args.results} holds no finished point {method.label} at rate {args.rate:g}, seed "
+                             f"{args.seed}" + (f", lambda {args.lam:g}" if merging else "") + ": run it first, or "
+                             "drop --results.")
+    common = dict(preset=args.preset, include=args.include or (), exclude=args.exclude or (), overwrite=args.force)
+    if args.compact:
+        if merging:
+            raise ValueError("--compact stores one DARE-pruned fine-tune: pass exactly one FT.")
+        path = export.save_compact_delta(args.base, args.fine_tunes[0], args.out, method=method.name, rate=args.rate,
+                                         seed=args.seed, q=params.get("q"), **common)
+    elif merging:
+        path = export.export_merged(args.base, args.fine_tunes, args.out, method=method.name, rate=args.rate,
+                                    seed=args.seed, lam=args.lam, params=params, head=args.head, metrics=metrics,
+                                    **common)
+    else:
+        path = export.export_pruned(args.base, args.fine_tunes[0], args.out, method=method.name, rate=args.rate,
+                                    seed=args.seed, params=params, metrics=metrics, **common)
+    print(f"wrote {path}")
+    if args.push_to_hub:
+        print(f"pushed: {export.push_to_hub(path, args.push_to_hub)}")
     return 0
+
+
+def _report_failed(df) -> int:
+    """Print why points failed (exit 1), or return 0."""
+    failed = df[df["status"] == "failed"] if len(df) else df
+    if not len(failed):
+        return 0
+    reasons = failed.groupby("error")["key"].nunique().sort_values(ascending=False)
+    print(f"deltakit: error: {failed['key'].nunique()} point(s) failed; finished points are kept and a rerun "
+          "retries only the failed ones. Reasons:", file=sys.stderr)
+    for error, n in reasons.items():
+        print(f"  {n} x {error}", file=sys.stderr)
+    return 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -94,8 +163,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from deltakit.methods import sweep_methods
-    from deltakit.spec import DEFAULT_METHODS, DEFAULT_PRESET, DEFAULT_RATES, DEFAULT_SEEDS
+    from deltakit.methods import merge_methods, sweep_methods
+    from deltakit.spec import (DEFAULT_LAMBDAS, DEFAULT_MERGE_METHODS, DEFAULT_MERGE_RATES, DEFAULT_METHODS,
+                               DEFAULT_PRESET, DEFAULT_RATES, DEFAULT_SEEDS)
 
     parser = argparse.ArgumentParser(
         prog="deltakit",
@@ -151,6 +221,53 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     sw.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     sw.set_defaults(func=_cmd_sweep)
+
+    me = sub.add_parser("merge", help="merge 2-8 fine-tunes of one base over methods x rates x lambdas x seeds; "
+                        "evaluate every task with its own head")
+    me.add_argument("base")
+    me.add_argument("fine_tunes", nargs="+", metavar="FT", help="2 to 8 fine-tunes of BASE (their order keys the masks)")
+    me.add_argument("--methods", nargs="+", default=list(DEFAULT_MERGE_METHODS),
+                    help=f"merge methods, NAME or NAME:KEY=VALUE,... (e.g. dare_ta:q=0.2); available: "
+                         f"{', '.join(merge_methods())}")
+    me.add_argument("--rates", nargs="+", type=float, default=list(DEFAULT_MERGE_RATES),
+                    help="fraction of each delta dropped before combining (ta runs at rate 0 only)")
+    me.add_argument("--lambdas", nargs="+", type=float, default=list(DEFAULT_LAMBDAS),
+                    help="merge weights: merged = base + lambda * combined deltas")
+    me.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    me.add_argument("--tasks", nargs="+", help="evaluation data per fine-tune (default: each member's own data)")
+    me.add_argument("--split", default="test", help="evaluation split (default: test)")
+    me.add_argument("--limit", type=int, help="evaluate each task on a seeded subset of this many examples")
+    me.add_argument("--out", default="deltakit-merge", help="results folder (resumable) and index.html")
+    me.add_argument("--wait", action="store_true", help="wait for another run writing to the same --out")
+    me.add_argument("--preset", default=DEFAULT_PRESET, help=f"merged-set preset (default: {DEFAULT_PRESET})")
+    me.add_argument("--include", action="append", help="regex a merged tensor must match (repeatable)")
+    me.add_argument("--exclude", action="append", help="regex excluding tensors from merging (repeatable)")
+    me.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    me.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    me.set_defaults(func=_cmd_merge)
+
+    ex = sub.add_parser("export", help="write a pruned or merged model as a loadable Hub-style folder, or a compact "
+                        "seeded delta; optionally push it to a Hub")
+    ex.add_argument("base")
+    ex.add_argument("fine_tunes", nargs="+", metavar="FT", help="one fine-tune (pruned) or 2-8 (merged)")
+    ex.add_argument("--method", required=True, help="a pruning method (one FT) or a merge method (several), "
+                    "NAME or NAME:KEY=VALUE,... e.g. darex_q:q=0.3")
+    ex.add_argument("--rate", type=float, required=True, help="fraction of delta entries dropped")
+    ex.add_argument("--seed", type=int, default=0, help="mask seed (default 0)")
+    ex.add_argument("--lam", type=float, default=1.0, help="merge weight lambda (merges only; default 1)")
+    ex.add_argument("--head", type=int, default=0, help="merges: whose head (task) the exported model carries, by "
+                    "the fine-tune's position (default 0)")
+    ex.add_argument("--compact", action="store_true", help="write a compact seeded delta (kept values only; the "
+                    "mask is regenerated from the seed on load): dare, drop_only or darex_q")
+    ex.add_argument("--results", help="a sweep/merge results folder: record that point's measured metrics in the card")
+    ex.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    ex.add_argument("--force", action="store_true", help="replace an existing folder")
+    ex.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the folder with huggingface_hub (uses your "
+                    "login; HF_ENDPOINT for another Hub)")
+    ex.add_argument("--preset", default=DEFAULT_PRESET, help=f"prunable/merged-set preset (default: {DEFAULT_PRESET})")
+    ex.add_argument("--include", action="append", help="regex a pruned tensor must match (repeatable)")
+    ex.add_argument("--exclude", action="append", help="regex excluding tensors (repeatable)")
+    ex.set_defaults(func=_cmd_export)
 
     de = sub.add_parser("demo", help="the main job: statistics, sweeps and an HTML report on the embedded family")
     de.add_argument("--out", default="deltakit-demo", help="output folder (index.html, results.parquet)")

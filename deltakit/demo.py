@@ -7,7 +7,10 @@ machine without a GPU (10 minutes from an empty cache, building included; a firs
    write ``DIR/index.html`` -- the first result;
 2. build the large-delta fine-tune (``sentiment3-hot``), recompute the statistics for both, and sweep DARE,
    DAREx-q (the labelled q search) and magnitude pruning on it -- where DARE collapses and DAREx-q recovers;
-3. sweep magnitude pruning on the standard fine-tune, for comparison.
+3. sweep magnitude pruning on the standard fine-tune, for comparison;
+4. build the topic fine-tune (BBC news topics, a different task on the same base) and merge it with ``sentiment3``
+   by task arithmetic, TIES, DARE+TA and DARE+TIES: each task's accuracy with its own head (when the family has a
+   ``topic`` member).
 
 ``index.html`` is rewritten after every finished method (reload it to follow), and the terminal prints one line
 per finding (a method's accuracy at the highest rate against the fine-tune). The run ends with one JSON line of
@@ -27,9 +30,11 @@ from pathlib import Path
 import pandas as pd
 
 from deltakit import plots
+from deltakit.families import get_family
+from deltakit.merge import merge_sweep
 from deltakit.methods import get_method, reference_methods
 from deltakit.report import write_html_report
-from deltakit.spec import RunOptions, SweepSpec
+from deltakit.spec import MergeSpec, RunOptions, SweepSpec
 from deltakit.stats import DeltaStats, delta_stats
 from deltakit.store import check_writable_folder
 from deltakit.summary import summarise
@@ -48,6 +53,7 @@ class DemoGrid:
         eval_limit: test examples per evaluation (a fixed, seeded subset of the test split).
         search_limit: validation examples per DAREx-q search evaluation.
         extra_members: fine-tunes built only for the statistics (their deltas' similarity).
+        merge_rates / merge_lambdas: the merge section's grid (DARE's drop rate before merging, merge weights).
     """
 
     rates: tuple[float, ...]
@@ -55,17 +61,22 @@ class DemoGrid:
     eval_limit: int | None = 300
     search_limit: int | None = 96
     extra_members: tuple[str, ...] = ()
+    merge_rates: tuple[float, ...] = (0.9,)
+    merge_lambdas: tuple[float, ...] = (1.0,)
 
 
 #: The default demo, sized for the budget (measured figures in the README).
 DEMO = DemoGrid(rates=(0.5, 0.9, 0.95, 0.99))
 #: ``--full``: the grid of the fidelity study.
 FULL = DemoGrid(rates=(0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99), eval_limit=400, search_limit=128,
-                extra_members=("polarity",))
+                extra_members=("polarity",), merge_rates=(0.5, 0.7, 0.9), merge_lambdas=(0.5, 0.7, 1.0))
 
 #: (member, method) in run order; the first is the first result. Each finished one rewrites the report.
 _PLAN = (("sentiment3", "dare"), ("sentiment3-hot", "dare"), ("sentiment3-hot", "darex_q_labelled"),
          ("sentiment3-hot", "magnitude"), ("sentiment3", "magnitude"))
+#: The fine-tunes merged last (when the family has both), and the merge methods.
+_MERGE = ("sentiment3", "topic")
+_MERGE_METHODS = ("ta", "ties", "dare_ta", "dare_ties")
 
 
 class _Story:
@@ -77,6 +88,7 @@ class _Story:
         self.timings = dict(build_s=0.0, stats_s=0.0, sweeps_s=0.0, first_result_s=None, total_s=None)
         self.findings: list[str] = []
         self.results: dict[str, pd.DataFrame] = {}
+        self.merged: pd.DataFrame | None = None
         self.stats: DeltaStats | None = None
 
     def elapsed(self) -> float:
@@ -104,6 +116,21 @@ class _Story:
                 f"(fine-tune {refs['finetuned']:.3f}, base {refs['base']:.3f})")
         self.findings.append(line)
         self.say(line)
+
+    def merge_finding(self) -> None:
+        """One line per task: each merge method at the highest rate and lambda, against the fine-tune alone."""
+        from deltakit.merge import merge_summary
+
+        table = merge_summary(self.merged, "accuracy")
+        lam, rate = max(self.grid.merge_lambdas), max(self.grid.merge_rates)
+        at = table[(table["lam"] == lam) & ((table["rate"] == rate) | (table["label"] == "ta"))]
+        alone = table[table["label"] == "finetuned"].iloc[0]
+        for task in _MERGE:
+            methods = ", ".join(f"{r.label} {getattr(r, task):.3f}" for r in at.itertuples())
+            line = (f"merge {' + '.join(_MERGE)} on {task} (rate {rate:g}, lambda {lam:g}, mean over seeds): "
+                    f"{methods} (fine-tune alone {alone[task]:.3f})")
+            self.findings.append(line)
+            self.say(line)
 
     def write(self) -> Path:
         """Rewrite ``index.html`` with everything measured so far (atomically: a reload never sees half a file)."""
@@ -133,6 +160,15 @@ class _Story:
                 ["label", "rate", "mean", "std", "n_seeds", "q"]]))
             if results["q"].notna().any() and (results["method"] == "darex_q_labelled").any():
                 sections.append((f"Rescale q chosen by DAREx-q ({member})", plots.q_vs_rate(results)))
+        if self.merged is not None:
+            from deltakit.merge import merge_summary
+
+            sections.append((f"Merging {' + '.join(_MERGE)}: each task with its own head",
+                             merge_summary(self.merged, "accuracy")))
+            lam = max(self.grid.merge_lambdas)
+            for task in _MERGE:
+                sections.append((f"Merged model on {task} (lambda {lam:g})", plots.merge_curves(
+                    self.merged, task, "accuracy", lam=lam, interval="minmax")))
         return sections
 
     def _intro(self) -> str:
@@ -179,6 +215,9 @@ def run_demo(out: str | Path = "deltakit-demo", *, family: str = "minilm-tweets"
     # so checked) before anything else runs.
     specs = [SweepSpec(ref("base"), ref(member), methods=[method], rates=grid.rates, seeds=grid.seeds,
                        eval_limit=grid.eval_limit, search_limit=grid.search_limit) for member, method in _PLAN]
+    merging = all(m in get_family(family).members for m in _MERGE)
+    merge_spec = MergeSpec(ref("base"), [ref(m) for m in _MERGE], methods=_MERGE_METHODS, rates=grid.merge_rates,
+                           lambdas=grid.merge_lambdas, seeds=grid.seeds, eval_limit=grid.eval_limit) if merging else None
     for (member, _), spec in zip(_PLAN, specs):
         if member not in built:  # build a member only when its turn comes: the first result does not wait
             new = [member] + ([] if built else list(grid.extra_members))
@@ -194,7 +233,17 @@ def run_demo(out: str | Path = "deltakit-demo", *, family: str = "minilm-tweets"
         story.results[member] = pd.concat([story.results.get(member), rows]).drop_duplicates(["key", "metric"])
         story.finding(member, spec.methods[0].label)
         story.write()
+    if merge_spec is not None:
+        new = [m for m in _MERGE if m not in built]
+        story.say(f"building {', '.join(new)} (once per machine)")
+        story.timed("build_s", lambda: build_family(family, members=new, progress=progress))
+        story.merged = story.timed("sweeps_s", lambda: merge_sweep(merge_spec, RunOptions(
+            out=out / "sweeps" / "merge", progress=progress)))
+        story.merge_finding()
+        story.write()
     frames = [r.assign(member=m) for m, r in story.results.items()]
+    if story.merged is not None:
+        frames.append(story.merged.assign(member="+".join(_MERGE)))
     results = pd.concat(frames, ignore_index=True)
     results.assign(params=results["params"].astype(str)).to_parquet(out / "results.parquet", index=False)
     story.timings["total_s"] = round(story.elapsed(), 1)

@@ -45,6 +45,7 @@ import torch
 __all__ = [
     "AXES",
     "tensor_key",
+    "finetune_key",
     "uniform",
     "keep_mask",
     "matrix_shape",
@@ -106,6 +107,21 @@ def tensor_key(seed: int, name: str, axis: str = "element") -> int:
     )
     digest = hashlib.blake2b(payload, digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
+
+
+def finetune_key(seed: int, name: str, finetune: int) -> int:
+    """The element-stream key of tensor ``name`` of the ``finetune``-th fine-tune of a merge (0-based).
+
+    Fine-tune 0 uses the tensor's own key, :func:`tensor_key(seed, name) <tensor_key>`, so merging one fine-tune with
+    DARE draws exactly DARE's mask; fine-tune ``k > 0`` hashes the name with a ``"\\x00finetune<k>"`` suffix, an
+    independent stream. A merge is therefore reproducible from (seed, position of the fine-tune, tensor name).
+
+    Raises:
+        TypeError / ValueError: as :func:`tensor_key`, or ``finetune`` is not a non-negative int.
+    """
+    if isinstance(finetune, bool) or not isinstance(finetune, int) or finetune < 0:
+        raise ValueError(f"finetune must be the fine-tune's 0-based position in the merge, got {finetune!r}")
+    return tensor_key(seed, name if finetune == 0 else f"{name}\x00finetune{finetune}")
 
 
 def uniform(key: int, n: int, *, offset: int = 0, threads: int | None = None) -> torch.Tensor:

@@ -15,13 +15,15 @@ import plotly.graph_objects as go
 from deltakit.methods import reference_methods
 from deltakit.summary import summarise
 
-__all__ = ["metric_curves", "delta_histogram", "layer_kind_heatmap", "similarity_matrix", "q_vs_rate"]
+__all__ = ["metric_curves", "merge_curves", "merge_table", "lambda_slice", "delta_histogram", "layer_kind_heatmap",
+           "similarity_matrix", "q_vs_rate"]
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 
 
 def metric_curves(results: pd.DataFrame, metric: str = "accuracy", *, interval: str = "ci95",
-                  log_rate: bool = False, title: str | None = None, figure: go.Figure | None = None) -> go.Figure:
+                  log_rate: bool = False, title: str | None = None, figure: go.Figure | None = None,
+                  lines: tuple[str, ...] = ()) -> go.Figure:
     """Metric versus pruning rate: one line per method (mean over seeds) with a shaded interval, plus dashed
     reference lines for the fine-tune and the base.
 
@@ -32,6 +34,7 @@ def metric_curves(results: pd.DataFrame, metric: str = "accuracy", *, interval: 
         log_rate: x = kept fraction 1 - rate on a reversed log axis, which spreads out rates near 1 (0.9, 0.99, 0.999).
         title: figure title.
         figure: draw into this figure (e.g. a ``go.FigureWidget``), replacing its traces.
+        lines: methods that do not depend on the rate (task arithmetic), drawn as dotted horizontal lines.
 
     Returns:
         The figure.
@@ -41,7 +44,8 @@ def metric_curves(results: pd.DataFrame, metric: str = "accuracy", *, interval: 
     traces: list[go.Scatter] = []
     references = reference_methods()
     refs = data[data["method"].isin(list(references))]
-    curves = data[~data["method"].isin(list(references))]
+    flat = data[data["method"].isin(list(lines))]
+    curves = data[~data["method"].isin([*references, *lines])]
 
     def xs(rate: pd.Series) -> np.ndarray:
         r = rate.to_numpy(dtype=float)
@@ -67,6 +71,9 @@ def metric_curves(results: pd.DataFrame, metric: str = "accuracy", *, interval: 
             traces.append(go.Scatter(x=span, y=[r["mean"], r["mean"]], mode="lines",
                                      name=f"{r['method']} ({r['mean']:.3f})",
                                      line=dict(dash="dash", color="#444" if dark else "#aaa")))
+        for i, (_, r) in enumerate(flat.iterrows()):
+            traces.append(go.Scatter(x=span, y=[r["mean"], r["mean"]], mode="lines", name=f"{r['label']} "
+                                     f"({r['mean']:.3f})", line=dict(dash="dot", color=_PALETTE[-1 - i % 3])))
     with fig.batch_update():  # one update message for a FigureWidget
         fig.data = ()
         for t in traces:
@@ -77,6 +84,85 @@ def metric_curves(results: pd.DataFrame, metric: str = "accuracy", *, interval: 
             yaxis_title=metric, template="plotly_white", height=420, legend=dict(orientation="h", y=-0.2),
         )
         fig.update_xaxes(type="log" if log_rate else "linear", autorange="reversed" if log_rate else True)
+    return fig
+
+
+def _merge_slice(results: pd.DataFrame, task: str, lam: float | None) -> pd.DataFrame:
+    """The rows of one task at one lambda (references, which have no lambda, always)."""
+    rows = results[results["task"] == task]
+    if lam is not None:
+        rows = rows[rows["lam"].isna() | np.isclose(rows["lam"].astype(float), lam)]
+    return rows
+
+
+def merge_curves(results: pd.DataFrame, task: str, metric: str = "accuracy", *, lam: float | None = None,
+                 interval: str = "ci95", figure: go.Figure | None = None) -> go.Figure:
+    """One task's metric versus pruning rate for every merge method, beside the fine-tune alone and the base.
+
+    Args:
+        results: merge sweep rows (:func:`deltakit.merge.merge_sweep`).
+        task: which task (the ``task`` column: a fine-tune's label).
+        metric: the metric on the y axis.
+        lam: the merge weight to show (None: the largest in the results).
+        interval / figure: as :func:`metric_curves`.
+
+    Returns:
+        The figure: a line per rate-dependent method (mean and interval over seeds), dotted lines for task
+        arithmetic, dashed lines for this task's fine-tune and the base.
+    """
+    from deltakit.methods import get_merge
+
+    if lam is None:
+        lam = float(results["lam"].dropna().max())
+    rows = _merge_slice(results, task, lam)
+    flat = tuple(m for m in rows["method"].unique() if m not in reference_methods() and not get_merge(m).uses_rate)
+    return metric_curves(rows, metric, interval=interval, figure=figure, lines=flat,
+                         title=f"{task}: {metric} of the merged model vs pruning rate (lambda {lam:g})")
+
+
+def merge_table(results: pd.DataFrame, metric: str = "accuracy", *, rate: float, lam: float) -> pd.DataFrame:
+    """Task-by-task table at one (rate, lambda): mean over seeds per method and task, and each method's mean over
+    tasks; the fine-tunes alone and the base as the first rows. Task arithmetic (rate-free) is shown at rate 0.
+
+    Returns:
+        A frame indexed by method label, one column per task plus ``mean``.
+    """
+    data = summarise(results, metric)
+    refs = data[data["method"].isin(list(reference_methods()))]
+    at = data[data["lam"].notna() & np.isclose(data["lam"].astype(float), lam)
+              & (np.isclose(data["rate"], rate) | np.isclose(data["rate"], 0.0))]
+    at = at.sort_values("rate").drop_duplicates(["label", "task"], keep="last")
+    table = pd.concat([refs, at]).pivot_table(index="label", columns="task", values="mean", sort=False)
+    table["mean"] = table.mean(axis=1)
+    return table
+
+
+def lambda_slice(results: pd.DataFrame, task: str, metric: str = "accuracy", *, rate: float,
+                 figure: go.Figure | None = None) -> go.Figure:
+    """One task's metric versus the merge weight lambda at one rate (task arithmetic at rate 0), one line per method.
+
+    Returns:
+        The figure, with dashed lines for the fine-tune alone and the base.
+    """
+    data = summarise(results[results["task"] == task], metric)
+    refs = data[data["method"].isin(list(reference_methods()))]
+    merged = data[data["lam"].notna() & (np.isclose(data["rate"], rate) | np.isclose(data["rate"], 0.0))]
+    fig = figure if figure is not None else go.Figure()
+    with fig.batch_update():
+        fig.data = ()
+        for i, (label, g) in enumerate(merged.groupby("label", sort=False)):
+            g = g[np.isclose(g["rate"], g["rate"].max())].sort_values("lam")
+            fig.add_trace(go.Scatter(x=g["lam"], y=g["mean"], mode="lines+markers", name=label,
+                                     line=dict(color=_PALETTE[i % len(_PALETTE)]),
+                                     error_y=dict(type="data", symmetric=False, array=g["hi"] - g["mean"],
+                                                  arrayminus=g["mean"] - g["lo"])))
+        span = [float(merged["lam"].min()), float(merged["lam"].max())] if len(merged) else [0.0, 1.0]
+        for _, r in refs.iterrows():
+            fig.add_trace(go.Scatter(x=span, y=[r["mean"]] * 2, mode="lines", name=f"{r['method']} ({r['mean']:.3f})",
+                                     line=dict(dash="dash", color="#444" if r["method"] == "finetuned" else "#aaa")))
+        fig.update_layout(title=f"{task}: {metric} vs merge weight lambda at rate {rate:g}", xaxis_title="lambda",
+                          yaxis_title=metric, template="plotly_white", height=380,
+                          legend=dict(orientation="h", y=-0.25))
     return fig
 
 

@@ -13,6 +13,7 @@ first seed only; the reference points (``finetuned`` at rate 0, ``base`` at rate
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -26,12 +27,15 @@ from deltakit import masks
 from deltakit.methods import get_method, reference_methods
 from deltakit.pairing import DEFAULT_PRESET, prunable_selector
 
-__all__ = ["DEFAULT_METHODS", "DEFAULT_PRESET", "DEFAULT_RATES", "DEFAULT_SEEDS", "MethodSpec", "RunOptions", "SweepSpec",
-           "normalise_rates"]
+__all__ = ["DEFAULT_LAMBDAS", "DEFAULT_MERGE_METHODS", "DEFAULT_MERGE_RATES", "DEFAULT_METHODS", "DEFAULT_PRESET",
+           "DEFAULT_RATES", "DEFAULT_SEEDS", "MergeSpec", "MethodSpec", "RunOptions", "SweepSpec", "normalise_rates"]
 
 DEFAULT_METHODS = ("dare",)
 DEFAULT_RATES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)
 DEFAULT_SEEDS = (0, 1)
+DEFAULT_MERGE_METHODS = ("ta", "ties", "dare_ta", "dare_ties")
+DEFAULT_MERGE_RATES = (0.5, 0.7, 0.9)
+DEFAULT_LAMBDAS = (0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,19 @@ def _accepts(annotation: Any, value: Any) -> bool:
     return False
 
 
+def _check_params(spec: MethodSpec, schema: dict[str, Any]) -> None:
+    """Refuse unknown parameters and values of the wrong type (the message names the method's parameters)."""
+    for key, value in spec.params:
+        if key not in schema:
+            raise ValueError(f"{spec.label}: unknown parameter {key!r}; {spec.name} takes "
+                             f"{sorted(schema) or 'no parameters'} (written NAME:KEY=VALUE,KEY=VALUE).")
+        annotation = schema[key].annotation
+        if not _accepts(annotation, value):
+            shown = getattr(annotation, "__name__", None) or str(annotation).replace("torch.", "")
+            raise ValueError(f"{spec.label}: parameter {key} must be {shown}, got {value!r} "
+                             f"({type(value).__name__}); e.g. {spec.name}:{key}=<value>.")
+
+
 def check_method_spec(spec: MethodSpec, rates: Sequence[float]) -> None:
     """Refuse, before anything loads, a method spec that cannot run at one of ``rates``.
 
@@ -108,16 +125,7 @@ def check_method_spec(spec: MethodSpec, rates: Sequence[float]) -> None:
         ValueError: an unknown parameter, a value of the wrong type, or one out of range at some rate.
     """
     info = get_method(spec.name)
-    schema = info.params
-    for key, value in spec.params:
-        if key not in schema:
-            raise ValueError(f"{spec.label}: unknown parameter {key!r}; {spec.name} takes "
-                             f"{sorted(schema) or 'no parameters'} (written NAME:KEY=VALUE,KEY=VALUE).")
-        annotation = schema[key].annotation
-        if not _accepts(annotation, value):
-            shown = getattr(annotation, "__name__", None) or str(annotation).replace("torch.", "")
-            raise ValueError(f"{spec.label}: parameter {key} must be {shown}, got {value!r} "
-                             f"({type(value).__name__}); e.g. {spec.name}:{key}=<value>.")
+    _check_params(spec, info.params)
     if info.fn is None or info.prepare is not None:  # a prepare step supplies inputs (a q, activation norms)
         return  # that a dummy delta cannot have: the step checks its own parameters when it runs
     dummy = torch.linspace(-1.0, 1.0, 16).reshape(4, 4)
@@ -172,11 +180,7 @@ class SweepSpec:
         set_(self, "seeds", tuple(_as_tuple(self.seeds)))
         set_(self, "include", tuple(_as_tuple(self.include or ())))
         set_(self, "exclude", tuple(_as_tuple(self.exclude or ())))
-        if not self.seeds:
-            raise ValueError("no seeds given: pass e.g. seeds=[0, 1].")
-        bad = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
-        if bad:
-            raise ValueError(f"seeds must be non-negative integers, got {bad}; pass e.g. seeds=[0, 1].")
+        _check_seeds(self.seeds)
         if not self.methods:
             raise ValueError("no methods given: pass e.g. methods=['dare'].")
         for spec in self.methods:
@@ -198,6 +202,128 @@ class SweepSpec:
         """What, besides the models' fingerprints and the evaluator, makes a point of this spec what it is."""
         return dict(preset=self.preset, include=list(self.include), exclude=list(self.exclude),
                     shared_rows=self.shared_rows)
+
+
+def check_merge_spec(spec: MethodSpec, rates: Sequence[float]) -> None:
+    """Refuse, before anything loads, a merge method spec that cannot run at one of ``rates``.
+
+    Unknown parameters and values of the wrong type are refused, then the method runs once per rate on two small
+    dummy deltas (the checks a real point applies, e.g. ``q`` in ``[1 - rate, 1]``, Breadcrumbs' ``top <= rate``).
+
+    Raises:
+        KeyError: an unknown merge method (the message lists them).
+        ValueError: an unknown parameter, a value of the wrong type, or one out of range at some rate.
+    """
+    from deltakit.methods import get_merge
+
+    info = get_merge(spec.name)
+    _check_params(spec, info.params)
+    dummy = [torch.linspace(-1.0, 1.0, 16).reshape(4, 4), torch.linspace(1.0, -0.5, 16).reshape(4, 4)]
+    for rate in rates if info.uses_rate else (0.0,):
+        try:
+            info.fn(dummy, rate=rate, seed=0, name="check", lam=1.0, **dict(spec.params))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{spec.label} cannot run at rate {rate:g}: {err}. Change the parameter or the "
+                             "rates.") from None
+
+
+def _check_seeds(seeds: tuple) -> None:
+    if not seeds:
+        raise ValueError("no seeds given: pass e.g. seeds=[0, 1].")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise ValueError(f"seeds must be non-negative integers, got {bad}; pass e.g. seeds=[0, 1].")
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """A merge sweep: one base, 2 to 8 of its fine-tunes, merge methods x rates x lambdas x seeds (frozen, checked).
+
+    Each fine-tune keeps its own classification head (and every tensor outside the prunable set); the merged model is
+    evaluated once per task, with that task's head, on that task's data.
+
+    Attributes:
+        base / fine_tunes: model references or resolved snapshots; the fine-tunes' order keys their masks
+            (``deltakit.masks.finetune_key``).
+        methods: merge methods (``deltakit.methods.merge_methods()``), as names, ``NAME:KEY=VALUE,...`` or MethodSpecs.
+        rates: fraction of each delta dropped before combining (``ta`` runs at rate 0 only).
+        lambdas: merge weights lambda (merged = base + lambda * combined deltas).
+        seeds: mask seeds (deterministic methods run the first only).
+        preset / include / exclude: the merged (prunable) set, as for sweeps.
+        tasks: evaluation data per fine-tune (None: each family member's own data).
+        split / eval_limit: the evaluation split and its size.
+        references: add the individual fine-tunes and the base, each on every task.
+
+    Raises:
+        ValueError, KeyError: on construction, for anything that cannot run (the message names it and the fix).
+    """
+
+    base: Any
+    fine_tunes: tuple[Any, ...]
+    methods: tuple[MethodSpec, ...] = DEFAULT_MERGE_METHODS
+    rates: tuple[float, ...] = DEFAULT_MERGE_RATES
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    preset: str = DEFAULT_PRESET
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    tasks: tuple[str | None, ...] | None = None
+    split: str = "test"
+    eval_limit: int | None = None
+    references: bool = True
+
+    def __post_init__(self) -> None:
+        from deltakit.kernels.merge import MAX_FINETUNES
+
+        set_ = object.__setattr__
+        set_(self, "fine_tunes", tuple(_as_tuple(self.fine_tunes)))
+        set_(self, "methods", tuple(MethodSpec.parse(m) for m in _as_tuple(self.methods)))
+        set_(self, "rates", normalise_rates(list(_as_tuple(self.rates))))
+        set_(self, "lambdas", tuple(_as_tuple(self.lambdas)))
+        set_(self, "seeds", tuple(_as_tuple(self.seeds)))
+        set_(self, "include", tuple(_as_tuple(self.include or ())))
+        set_(self, "exclude", tuple(_as_tuple(self.exclude or ())))
+        if not 2 <= len(self.fine_tunes) <= MAX_FINETUNES:
+            raise ValueError(f"a merge takes 2 to {MAX_FINETUNES} fine-tunes of one base, got {len(self.fine_tunes)}: "
+                             "pass e.g. family:minilm-tweets/sentiment3 family:minilm-tweets/topic.")
+        if self.tasks is not None:
+            set_(self, "tasks", tuple(_as_tuple(self.tasks)))
+            if len(self.tasks) != len(self.fine_tunes):
+                raise ValueError(f"tasks gives {len(self.tasks)} evaluation task(s) for {len(self.fine_tunes)} "
+                                 "fine-tunes: give one per fine-tune (None for a family member's own data).")
+        _check_seeds(self.seeds)
+        if not self.lambdas or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
+                                   for x in self.lambdas):
+            raise ValueError(f"lambdas must be finite numbers such as 0.5 1.0, got {list(self.lambdas)}.")
+        set_(self, "lambdas", tuple(sorted({float(x) for x in self.lambdas})))
+        if not self.methods:
+            raise ValueError("no merge methods given: pass e.g. methods=['ta', 'dare_ta'].")
+        for spec in self.methods:
+            check_merge_spec(spec, self.rates)
+        prunable_selector(self.preset, self.include, self.exclude)
+        if self.eval_limit is not None and (isinstance(self.eval_limit, bool) or self.eval_limit < 1):
+            raise ValueError(f"eval_limit must be a positive number of examples or None, got {self.eval_limit!r}.")
+
+    def points(self) -> list[tuple[MethodSpec, float, float, int]]:
+        """The (method, rate, lambda, seed) points in run order; references first (lambda NaN).
+
+        ``finetuned`` (each fine-tune alone on its own task) and ``base`` (the base body with each task's head) run
+        once; deterministic methods run the first seed only; ``ta`` (which drops nothing) runs at rate 0 only.
+        """
+        from deltakit.methods import get_merge
+
+        points = [(MethodSpec(name), info.reference_rate, math.nan, self.seeds[0])
+                  for name, info in reference_methods().items()] if self.references else []
+        for spec in self.methods:
+            info = get_merge(spec.name)
+            seeds = self.seeds if info.random else self.seeds[:1]
+            rates = self.rates if info.uses_rate else (0.0,)
+            points += [(spec, rate, lam, seed) for rate in rates for lam in self.lambdas for seed in seeds]
+        return points
+
+    def key_parts(self) -> dict[str, Any]:
+        """What, besides the models' fingerprints and the evaluators, makes a point of this spec what it is."""
+        return dict(kind="merge", preset=self.preset, include=list(self.include), exclude=list(self.exclude))
 
 
 def _as_tuple(value: Any) -> tuple:

@@ -45,9 +45,10 @@ from deltakit.refs import Snapshot
 from deltakit.fileio import json_default, write_atomically
 from deltakit.tensors import TensorReader
 
-__all__ = ["ResultStore", "StoreError", "StoreLockedError", "check_writable_folder", "fingerprint", "tidy_rows"]
+__all__ = ["ResultStore", "StoreError", "StoreLockedError", "check_writable_folder", "fingerprint", "point_key",
+           "tidy_rows"]
 
-_FLOAT_FIELDS = ("q", "prep_seconds", "eval_seconds")  # stored as null when NaN; NaN again in the tidy rows
+_FLOAT_FIELDS = ("q", "lam", "prep_seconds", "eval_seconds")  # stored as null when NaN; NaN again in the tidy rows
 _SAMPLES, _SAMPLE_BYTES = 16, 4096
 
 
@@ -116,18 +117,33 @@ def check_writable_folder(folder: str | Path) -> None:
                          "writable place (CLI --out).")
 
 
+def point_key(parts: dict[str, Any]) -> str:
+    """The key of a point: a hash of everything that defines it (models' fingerprints, method, params, rate, ...)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 def tidy_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """Expand one point's record into tidy rows: one per metric; a failed point is one row, metric None, value NaN.
+
+    A merge point's metrics are per task (``{"sentiment3": {"accuracy": ...}, "topic": {...}}``): one row per
+    (task, metric), with a ``task`` column.
 
     Args:
         record: a record as :meth:`ResultStore.append` writes it.
 
     Returns:
-        The rows: the record's fields (``null`` floats as NaN) with ``metric`` and ``value`` instead of ``metrics``.
+        The rows: the record's fields (``null`` floats as NaN) with ``metric`` and ``value`` (and ``task`` for a
+        merge point) instead of ``metrics``.
     """
     fields = {k: (_nan(v) if k in _FLOAT_FIELDS else v) for k, v in record.items() if k != "metrics"}
     metrics = record["metrics"] if record["status"] == "ok" else {None: None}
-    return [dict(fields, metric=name, value=_nan(value)) for name, value in metrics.items()]
+    rows = []
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            rows += [dict(fields, task=name, metric=m, value=_nan(v)) for m, v in value.items()]
+        else:
+            rows.append(dict(fields, metric=name, value=_nan(value)))
+    return rows
 
 
 class ResultStore:

@@ -18,7 +18,7 @@ INTERVALS = ("ci95", "minmax", "std")
 
 
 def summarise(results: pd.DataFrame, metric: str = "accuracy", interval: str = "ci95") -> pd.DataFrame:
-    """Mean and interval over seeds, per (method label, rate).
+    """Mean and interval over seeds, per (method label, rate), and per (task, lambda) for merge results.
 
     Args:
         results: sweep rows (``label``, ``method``, ``rate``, ``seed``, ``metric``, ``value``, ``q``, ``status``).
@@ -27,8 +27,8 @@ def summarise(results: pd.DataFrame, metric: str = "accuracy", interval: str = "
             errors), ``"minmax"`` or ``"std"``.
 
     Returns:
-        Columns label, method, rate, mean, std, lo, hi, n_seeds, q (the mean DAREx-q rescale, NaN when none);
-        reference methods included.
+        Columns label, method, rate, mean, std, lo, hi, n_seeds, q (the mean DAREx-q rescale, NaN when none), and
+        task, lam for merge results (references have lam NaN); reference methods included.
 
     Raises:
         ValueError: unknown interval kind, or the metric is absent (the message lists those present).
@@ -38,8 +38,10 @@ def summarise(results: pd.DataFrame, metric: str = "accuracy", interval: str = "
     ok = results[(results["status"] == "ok") & (results["metric"] == metric)]
     if ok.empty:
         raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].dropna().unique())}")
+    extra = [c for c in ("task", "lam") if c in ok and ok[c].notna().any()]
     rows = []
-    for (label, method, rate), g in ok.groupby(["label", "method", "rate"], sort=True):
+    for keys, g in ok.groupby(["label", "method", "rate", *extra], sort=True, dropna=False):
+        label, method, rate = keys[:3]
         v = g["value"].to_numpy(dtype=float)
         mean, n = float(v.mean()), len(v)
         sd = float(v.std(ddof=1)) if n > 1 else 0.0
@@ -47,5 +49,6 @@ def summarise(results: pd.DataFrame, metric: str = "accuracy", interval: str = "
         lo, hi = {"ci95": (mean - half, mean + half), "std": (mean - sd, mean + sd),
                   "minmax": (float(v.min()), float(v.max()))}[interval]
         q = float(g["q"].mean()) if "q" in g else math.nan
-        rows.append(dict(label=label, method=method, rate=rate, mean=mean, std=sd, lo=lo, hi=hi, n_seeds=n, q=q))
+        rows.append(dict(label=label, method=method, rate=rate, mean=mean, std=sd, lo=lo, hi=hi, n_seeds=n, q=q,
+                         **dict(zip(extra, keys[3:]))))
     return pd.DataFrame(rows)

@@ -16,7 +16,6 @@ one row per (point, metric).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import threading
@@ -33,9 +32,9 @@ from deltakit.methods import Prepared, get_method
 from deltakit.resident import ResidentModel
 from deltakit.sources import Snapshot, resolve
 from deltakit.spec import MethodSpec, RunOptions, SweepSpec
-from deltakit.store import ResultStore, fingerprint, tidy_rows
+from deltakit.store import ResultStore, fingerprint, point_key, tidy_rows
 
-__all__ = ["SweepContext", "default_evaluator", "sweep"]
+__all__ = ["SweepContext", "default_evaluator", "run_points", "sweep"]
 
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 
@@ -94,10 +93,6 @@ class SweepContext:
         if key not in self._cache:
             self._cache[key] = compute()
         return self._cache[key]
-
-
-def _key(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def default_evaluator(fine_tune: Snapshot, tokenizer, *, task: str | None, split: str, limit: int | None,
@@ -235,31 +230,50 @@ def sweep(
         common = dict(spec.key_parts(), base=fingerprint(base_s), fine_tune=fingerprint(ft_s),
                       evaluator=getattr(ev, "fingerprint", getattr(ev, "__qualname__", repr(ev))))
         labels = dict(base=base_s.ref, fine_tune=ft_s.ref)
-        keys = [_key(dict(common, method=s.name, params=s.params, rate=r, seed=sd)) for s, r, sd in points]
-        # The store may hold other sweeps' points too: reuse and return only this sweep's.
-        own = set(keys)
-        stored = [r for r in (store.records() if store else []) if r["status"] == "ok" and r["key"] in own]
-        done = {r["key"] for r in stored}
-        rows_out = [row for r in stored for row in tidy_rows(r)]
-        bar = tqdm(total=len(points), desc="sweep", unit="point", disable=not options.progress)
+        keys = [point_key(dict(common, method=s.name, params=s.params, rate=r, seed=sd)) for s, r, sd in points]
         try:
-            for (method, rate, seed), key in zip(points, keys):
-                if key in done:
-                    bar.update(1)
-                    continue
-                if cancel is not None and cancel.is_set():
-                    break
-                record = dict(_run_point(ctx, ev, method, rate, seed, backend=options.backend), key=key, **labels)
-                if store:
-                    store.append(record)
-                rows = tidy_rows(record)
-                rows_out.extend(rows)
-                if on_point is not None:
-                    on_point(rows)
-                bar.update(1)
+            rows = run_points(points, keys, lambda p: _run_point(ctx, ev, *p, backend=options.backend), store=store,
+                              labels=labels, cancel=cancel, on_point=on_point, progress=options.progress, desc="sweep")
         finally:
-            bar.close()
             rm.restore()
-        if store:
-            store.write_parquet()
+    return rows
+
+
+def run_points(points: Sequence[Any], keys: Sequence[str], run: Callable[[Any], dict[str, Any]], *,
+               store: ResultStore | None, labels: dict[str, str], cancel: threading.Event | None,
+               on_point: Callable[[list[dict]], None] | None, progress: bool, desc: str) -> pd.DataFrame:
+    """The loop every sweep shares: skip stored points, run the others in order, append each record, report rows.
+
+    Args:
+        points / keys: the points in run order and their keys. run: ``point -> record`` (never raises).
+        store: the open results store, or None. labels: fields added to every record (model references).
+        cancel: checked between points. on_point: called with each new point's tidy rows. progress / desc: the bar.
+
+    Returns:
+        The tidy rows of this run's points: the stored ones (the store may hold other runs' points too) and the new.
+    """
+    own = set(keys)
+    stored = [r for r in (store.records() if store else []) if r["status"] == "ok" and r["key"] in own]
+    done = {r["key"] for r in stored}
+    rows_out = [row for r in stored for row in tidy_rows(r)]
+    bar = tqdm(total=len(points), desc=desc, unit="point", disable=not progress)
+    try:
+        for point, key in zip(points, keys):
+            if key in done:
+                bar.update(1)
+                continue
+            if cancel is not None and cancel.is_set():
+                break
+            record = dict(run(point), key=key, **labels)
+            if store:
+                store.append(record)
+            rows = tidy_rows(record)
+            rows_out.extend(rows)
+            if on_point is not None:
+                on_point(rows)
+            bar.update(1)
+    finally:
+        bar.close()
+    if store:
+        store.write_parquet()
     return pd.DataFrame(rows_out)

@@ -12,6 +12,10 @@ Writes ``reports/fidelity.md`` (the table, with seeds and 95% intervals, and a p
     output change) recovers.
 (d) With large deltas (``sentiment3-hot``, a 10x larger learning rate) DARE fails earlier, and magnitude / WANDA-style pruning do better.
 (e) A fine-tune trained with AdamR (delta-regularised, DAREx-L2) is more prunable by DARE at high rates.
+(f) Merging: DARE before task arithmetic / TIES keeps each task's accuracy better than TA / TIES alone (merging
+    ``sentiment3`` with ``topic``, a BBC-news topic classifier on the same base; each task keeps its own head).
+
+``--only merge`` measures (f) alone and replaces that section of an existing ``fidelity.md``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 import pandas as pd
 
 from deltakit.families import get_family
-from deltakit.spec import RunOptions, SweepSpec
+from deltakit.merge import merge_sweep
+from deltakit.spec import MergeSpec, RunOptions, SweepSpec
 from deltakit.stats import delta_stats
 from deltakit.summary import summarise
 from deltakit.sweep import sweep
@@ -52,12 +57,20 @@ def main() -> None:
     parser.add_argument("--search-limit", type=int, default=200, help="validation examples per q-search step")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--family", default=FAMILY, help="tiny: a quick smoke run of the script itself")
+    parser.add_argument("--only", choices=["merge"], help="measure section (f) alone; the others stay as they are")
     args = parser.parse_args()
     FAMILY = args.family
     base = _member("base")
     out = Path(args.out)
     runs = out / ".fidelity-runs"
     t0 = time.perf_counter()
+    if args.only == "merge":
+        report = out / "fidelity.md"
+        kept = report.read_text().split(MERGE_HEADING)[0].rstrip("\n") if report.exists() else ""
+        lines = merge_section(args, runs)
+        report.write_text(kept + "\n\n" + "\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     members = ["sentiment3", "polarity", "sentiment3-hot"] + (["sentiment3-adamr"] if _has_member("sentiment3-adamr") else [])
     stats = delta_stats(base, [_member(m) for m in members], progress=True)
     common = dict(seeds=args.seeds, eval_limit=args.limit, search_limit=args.search_limit)
@@ -187,8 +200,89 @@ def main() -> None:
                   f"{better or 'none'}" + (" (holds there)." if better else " (does not hold on this family)."), ""]
     else:
         lines += ["## (e) AdamR member", "", "Not measured: the family has no `sentiment3-adamr` member.", ""]
+    lines += merge_section(args, runs)
     (out / "fidelity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+MERGE_HEADING = "## (f) Merging"
+MERGE_RATES = [0.5, 0.7, 0.9]  # MergeLM's DARE grid for GLUE merges is 0.1-0.9
+MERGE_LAMBDAS = [0.5, 0.7, 1.0]
+
+
+def merge_section(args: argparse.Namespace, runs: Path) -> list[str]:
+    """Section (f): merge sentiment3 with topic by TA, TIES, DARE+TA, DARE+TIES; each task with its own head."""
+    t0 = time.perf_counter()
+    partner = "topic" if _has_member("topic") else "polarity"
+    spec = MergeSpec(_member("base"), [_member("sentiment3"), _member(partner)], methods=["ta", "ties", "dare_ta",
+                     "dare_ties"], rates=MERGE_RATES, lambdas=MERGE_LAMBDAS, seeds=args.seeds, eval_limit=args.limit)
+    results = merge_sweep(spec, RunOptions(out=runs / f"merge-sentiment3-{partner}"))
+    results.assign(params=results["params"].astype(str)).to_parquet(runs.parent / "fidelity-merge-results.parquet",
+                                                                      index=False)
+    data = summarise(results, "accuracy")
+    tasks = ["sentiment3", partner]
+    per_point = results.drop_duplicates("key")
+    computed = float(per_point["prep_seconds"].fillna(0).sum() + per_point["eval_seconds"].fillna(0).sum())
+
+    def cell(label: str, rate: float, lam: float, task: str) -> pd.Series:
+        return data[(data["label"] == label) & (data["task"] == task) & (data["rate"] == rate)
+                    & (data["lam"] == lam)].iloc[0]
+
+    def ref(which: str, task: str) -> float:
+        return float(data[(data["method"] == which) & (data["task"] == task)]["mean"].iloc[0])
+
+    lines = [f"{MERGE_HEADING}: does DARE before TA / TIES keep each task's accuracy? (sentiment3 + {partner})", "",
+             f"Measured by `python reports/fidelity.py --only merge --limit {args.limit} --seeds "
+             f"{' '.join(map(str, args.seeds))}` on {_machine()}; this invocation took {time.perf_counter() - t0:.0f} s "
+             f"(stored points are reused; the {len(spec.points())} points' own compute time, merging and evaluating, "
+             f"is {computed:.0f} s). The two "
+             f"fine-tunes of all-MiniLM-L6-v2 (`sentiment3`: 3-way tweet sentiment; `{partner}`) are merged on "
+             "every tensor but the classifier heads (preset mergelm_encoder); the merged body is evaluated on each "
+             f"task with that task's own head, on a fixed seeded subset of at most {args.limit} test examples per task "
+             "(the topic test split holds 212). "
+             "DARE's masks are drawn per fine-tune (its own Philox key); intervals are Student-t 95% over mask "
+             f"seeds {args.seeds} (TA and TIES are deterministic: one run). lambda is compared at equal values, "
+             "with no selection on the test split.", "",
+             "References: " + "; ".join(f"{t}: fine-tune alone {ref('finetuned', t):.3f}, base with its head "
+                                        f"{ref('base', t):.3f}" for t in tasks) + ".", "",
+             "| lambda | method | rate | " + " | ".join(tasks) + " | mean |", "|---|---|---|" + "---|" * (len(tasks) + 1)]
+    verdicts = []
+    for lam in MERGE_LAMBDAS:
+        rows = [("ta", 0.0)] + [(m, r) for m in ("ties", "dare_ta", "dare_ties") for r in MERGE_RATES]
+        for label, rate in rows:
+            cells = [cell(label, rate, lam, t) for t in tasks]
+            lines.append(f"| {lam:g} | {label} | {rate:g} | " + " | ".join(_fmt(c) for c in cells)
+                         + f" | {sum(c['mean'] for c in cells) / len(cells):.3f} |")
+        for dare, plain, plain_rate in (("dare_ta", "ta", None), ("dare_ties", "ties", "same")):
+            for rate in MERGE_RATES:
+                pr = 0.0 if plain_rate is None else rate
+                for t in tasks:
+                    d, p = cell(dare, rate, lam, t), cell(plain, pr, lam, t)
+                    verdicts.append(dict(lam=lam, pair=f"{dare} vs {plain}", rate=rate, task=t,
+                                         better=d["lo"] > p["mean"], worse=d["hi"] < p["mean"], diff=d["mean"] - p["mean"]))
+    v = pd.DataFrame(verdicts)
+    summary = v.groupby("pair").agg(points=("diff", "size"), better=("better", "sum"), worse=("worse", "sum"),
+                                    mean_diff=("diff", "mean"))
+    lines += ["", "Paired comparison (every lambda, rate and task; TA has no rate, so DARE+TA at each rate is compared "
+              "with TA at the same lambda; DARE+TIES with TIES at the same rate and lambda). 'better' / 'worse': "
+              "DARE's whole 95% interval lies above / below the plain method's value.", "",
+              "| comparison | points | DARE better | DARE worse | mean difference |", "|---|---|---|---|---|"]
+    for pair, r in summary.iterrows():
+        lines.append(f"| {pair} | {int(r['points'])} | {int(r['better'])} | {int(r['worse'])} | {r['mean_diff']:+.3f} |")
+    parts = []
+    for pair, r in summary.iterrows():
+        if r["better"] >= r["points"] / 3 and r["mean_diff"] > 0.005:
+            what = "DARE helps"
+        elif r["worse"] >= r["points"] / 3 and r["mean_diff"] < -0.005:
+            what = "DARE hurts"
+        else:
+            what = "no difference beyond the intervals: DARE drops that much of each delta at no measurable cost"
+        parts.append(f"{pair}: better at {int(r['better'])}, worse at {int(r['worse'])} of {int(r['points'])} "
+                     f"points, mean difference {r['mean_diff']:+.3f} ({what})")
+    holds = summary["worse"].sum() <= 1 and summary["mean_diff"].min() > -0.01
+    lines += ["", f"Verdict: {'holds' if holds else 'does not hold'} on this pair (DARE before merging keeps each "
+              "task's accuracy at least as well as the plain merge): " + "; ".join(parts) + ".", ""]
+    return lines
 
 
 def _machine() -> str:

@@ -12,15 +12,21 @@ The server implements the part of the Hub's HTTP API that those clients call:
 - repo search (``/api/models?search=&author=&filter=&sort=&limit=``) with the tags the Hub derives from a model card,
   notably ``base_model:<id>`` and ``base_model:<relation>:<id>``, which is how fine-tunes of a base model are found;
 - the ``X-Error-Code`` header that the client maps onto ``RepositoryNotFoundError``, ``RevisionNotFoundError`` and
-  ``EntryNotFoundError``.
+  ``EntryNotFoundError``;
+- commits over HTTP, as ``HfApi.create_repo`` and ``HfApi.upload_folder`` send them: ``POST /api/repos/create``,
+  ``POST /api/validate-yaml``, ``POST /api/{type}/{id}/preupload/{rev}`` (every file is answered ``"regular"``, so
+  no LFS or Xet upload is ever asked for) and ``POST /api/{type}/{id}/commit/{rev}`` (an NDJSON body: a ``header``
+  line, then ``file`` lines with base64 content and ``deletedFile`` / ``deletedFolder`` lines), committed through
+  :meth:`LocalHub.commit`.
 
 Repos behave like git: every commit is an immutable snapshot named by a 40-hex sha, branches and tags point at
 commits, so pinning a download to a branch, a tag or a sha gives the same results as on the Hub. ETags follow the Hub:
 the git blob sha-1 for regular files, the sha-256 of the content for LFS files.
 
-Content is published from Python (:meth:`LocalHub.commit`, :meth:`LocalHub.upload_folder`), not over HTTP. Not
-implemented, on purpose: HTTP uploads, authentication, private or gated repos, pull requests, pagination (the
-repos are small) and Xet (the server never sends Xet headers, so clients fall back to plain HTTP downloads).
+Content is published from Python (:meth:`LocalHub.commit`, :meth:`LocalHub.upload_folder`) or over HTTP with the
+unmodified client (regular uploads only). Not implemented, on purpose: LFS and Xet uploads, authentication (any
+token or none is accepted), private or gated repos, pull requests, pagination (the repos are small) and Xet
+downloads (the server never sends Xet headers, so clients fall back to plain HTTP downloads).
 
 Example::
 
@@ -67,6 +73,8 @@ _FRONT_MATTER_RE = re.compile(r"\A\ufeff?---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # Words after /api/{type}/{id}/ that name a sub-route, so "/api/models/a/tree/main" is repo "a", not "a/tree".
 _SUBROUTES = frozenset({"revision", "tree", "refs", "commits", "paths-info"})
+# The sub-routes of an HTTP commit: POST /api/{type}/{id}/preupload/{rev} and POST /api/{type}/{id}/commit/{rev}.
+_WRITE_ROUTES = frozenset({"preupload", "commit"})
 _AUTHOR = "deltakit-tests"
 
 
@@ -353,8 +361,9 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | str | None:
 class LocalHub:
     """An in-memory Hugging Face Hub served over HTTP on localhost, for tests.
 
-    Repos are created and filled from Python; the HTTP side is read-only. All state sits behind one lock, so the
-    server's handler threads (``snapshot_download`` downloads with 8) always see whole commits.
+    Repos are created and filled from Python, or over HTTP by huggingface_hub's ``create_repo`` and ``upload_folder``
+    (regular uploads, committed through :meth:`commit`). All state sits behind one lock, so the server's handler
+    threads (``snapshot_download`` downloads with 8) always see whole commits.
 
     Attributes:
         requests: how many HTTP requests the server has answered since this object was created; tests read it
@@ -636,7 +645,12 @@ class LocalHub:
     # ------------------------------------------------------------------ HTTP
 
     def _handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> _Response:
-        """Answer one request. Runs under the lock; the response body is written after it is released."""
+        """Answer one request. Reads run under the lock; writes take it inside :meth:`commit` and
+        :meth:`create_repo`. The response body is written after it is released."""
+        if method == "POST":
+            written = self._handle_write(target, headers, body)
+            if written is not None:
+                return written
         with self._lock:
             self._requests += 1
             raw_path, _, raw_query = target.partition("?")
@@ -653,6 +667,157 @@ class LocalHub:
             if method in ("GET", "HEAD"):
                 return self._resolve_file(segments, headers)
             return _not_found()
+
+    # ------------------------------------------------------------------ HTTP writes
+
+    def _handle_write(self, target: str, headers: Mapping[str, str], body: bytes) -> _Response | None:
+        """Answer a POST that writes (or validates before writing); None for any other request."""
+        raw_path, _, raw_query = target.partition("?")
+        query = parse_qs(raw_query, keep_blank_values=True)
+        segments = [unquote(part) for part in raw_path.split("/")[1:]]
+        while segments and segments[-1] == "":
+            segments.pop()
+        route: tuple | None = None
+        if segments == ["api", "repos", "create"]:
+            route = ("create",)
+        elif segments == ["api", "validate-yaml"]:
+            route = ("validate",)
+        elif len(segments) in (5, 6) and segments[0] == "api" and segments[1] in _TYPE_OF_PLURAL:
+            # [api, models, org, name, commit, rev] or [api, models, name, commit, rev]; the client quotes "/" in rev
+            action = segments[-2]
+            if action in _WRITE_ROUTES:
+                route = (action, _TYPE_OF_PLURAL[segments[1]], "/".join(segments[2:-2]), segments[-1])
+        if route is None:
+            return None
+        with self._lock:
+            self._requests += 1
+        try:
+            form = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return _json({"error": "The request body is not UTF-8 text."}, 400)
+        if route[0] == "create":
+            return self._http_create_repo(form)
+        if route[0] == "validate":
+            return self._http_validate_yaml(form)
+        _, repo_type, repo_id, revision = route
+        if _is_true(query.get("create_pr")):
+            return _json({"error": "Pull requests are not implemented by the local Hub; commit to a branch."}, 400)
+        with self._lock:
+            found = self._lookup(repo_type, repo_id, revision)
+            if isinstance(found, _Response):
+                return found
+            repo, commit = found
+            if revision not in repo.branches:
+                return _hub_error(404, "RevisionNotFound", f"Invalid rev id: {revision!r} is not a branch of "
+                                  f"{repo_id!r}; commits go to a branch.")
+        if route[0] == "preupload":
+            return self._http_preupload(commit, form)
+        return self._http_commit(repo_type, repo_id, revision, commit, form)
+
+    def _repo_url(self, repo_type: str, repo_id: str) -> str:
+        prefix = "" if repo_type == "model" else f"{_REPO_TYPES[repo_type]}/"
+        return f"{self.url}/{prefix}{repo_id}"
+
+    def _http_create_repo(self, form: str) -> _Response:
+        """``POST /api/repos/create`` with ``{"name", "organization", "type", "visibility"}``: 409 if it exists."""
+        try:
+            payload = json.loads(form or "{}")
+        except ValueError:
+            return _json({"error": "The request body is not JSON."}, 400)
+        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+            return _json({"error": "Expected a JSON object with the repo's name."}, 400)
+        repo_type = payload.get("type") or "model"
+        if repo_type not in _REPO_TYPES:
+            return _json({"error": f"Invalid repo type {repo_type!r}; use one of {list(_REPO_TYPES)}."}, 400)
+        if payload.get("visibility") not in (None, "public") or payload.get("private"):
+            return _json({"error": "Private repos are not implemented by the local Hub; create a public one."}, 400)
+        org = payload.get("organization")
+        repo_id = f"{org}/{payload['name']}" if org else payload["name"]
+        with self._lock:
+            exists = (repo_type, repo_id) in self._repos
+        if exists:
+            url = self._repo_url(repo_type, repo_id)
+            return _json({"error": f"You already created this {repo_type} repo", "url": url}, 409)
+        try:
+            self.create_repo(repo_id, repo_type, exist_ok=True)
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 400)
+        return _json({"url": self._repo_url(repo_type, repo_id), "name": repo_id})
+
+    @staticmethod
+    def _http_validate_yaml(form: str) -> _Response:
+        """``POST /api/validate-yaml`` with ``{"content", "repoType"}``: the card's front matter, checked as a commit
+        checks it."""
+        try:
+            payload = json.loads(form or "{}")
+            content = payload["content"]
+            _derive_tags(_parse_card(content, "README.md"), {}, "README.md")
+        except (ValueError, KeyError, TypeError) as exc:
+            return _json({"errors": [{"message": str(exc)}], "warnings": []}, 400)
+        return _json({"errors": [], "warnings": []})
+
+    @staticmethod
+    def _http_preupload(commit: _Commit, form: str) -> _Response:
+        """``POST .../preupload/{rev}``: every file is uploaded as a regular (base64, in-commit) file.
+
+        ``oid`` is the git blob id of the file at that revision, as the client computes it for regular files, so it
+        skips files that have not changed.
+        """
+        try:
+            files = json.loads(form or "{}")["files"]
+            paths = [_check_path(item["path"]) for item in files]
+        except (ValueError, KeyError, TypeError) as exc:
+            return _json({"error": f"Expected {{'files': [{{'path', 'sample', 'size'}}]}} ({exc})."}, 400)
+        answer = []
+        for path in paths:
+            blob = commit.files.get(path)
+            answer.append({"path": path, "uploadMode": "regular", "shouldIgnore": False,
+                           "oid": _git_blob_oid(blob.data) if blob is not None else None})
+        return _json({"files": answer, "commitOid": commit.sha})
+
+    def _http_commit(self, repo_type: str, repo_id: str, branch: str, head: _Commit, form: str) -> _Response:
+        """``POST .../commit/{rev}``: an NDJSON body (header line, then file / deletedFile / deletedFolder lines)."""
+        import base64
+        import binascii
+
+        files: dict[str, bytes] = {}
+        delete: list[str] = []
+        header: dict | None = None
+        try:
+            for number, line in enumerate(line for line in form.splitlines() if line.strip()):
+                item = json.loads(line)
+                key, value = item["key"], item["value"]
+                if number == 0 and key != "header":
+                    raise ValueError("the first line must be the header")
+                if key == "header":
+                    header = value
+                elif key == "file":
+                    if value.get("encoding") != "base64":
+                        raise ValueError(f"file {value.get('path')!r} is not base64-encoded")
+                    files[_check_path(value["path"])] = base64.b64decode(value["content"], validate=True)
+                elif key in ("deletedFile", "deletedFolder"):
+                    delete.append(_check_path(value["path"].rstrip("/")))
+                elif key == "lfsFile":
+                    raise ValueError("LFS uploads are not implemented by the local Hub (preupload answers "
+                                     "'regular' for every file)")
+                else:
+                    raise ValueError(f"unknown operation {key!r}")
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+            return _json({"error": f"Malformed commit payload: {exc}."}, 400)
+        if not isinstance(header, dict) or not isinstance(header.get("summary"), str) or not header["summary"]:
+            return _json({"error": "The commit header needs a non-empty summary."}, 400)
+        parent = header.get("parentCommit")
+        if parent is not None and not (isinstance(parent, str) and parent and head.sha.startswith(parent)):
+            return _json({"error": f"A commit has happened since: {branch!r} is at {head.sha}, not {parent!r}."}, 412)
+        message = header["summary"] + ("\n" + header["description"] if header.get("description") else "")
+        try:
+            sha = self.commit(repo_id, files, repo_type=repo_type, branch=branch, message=message, delete=delete)
+        except KeyError as exc:
+            return _hub_error(404, "EntryNotFound", str(exc.args[0]) if exc.args else str(exc))
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 400)
+        url = f"{self._repo_url(repo_type, repo_id)}/commit/{sha}"
+        return _json({"success": True, "commitOid": sha, "commitUrl": url, "pullRequestUrl": None})
 
     def _split_repo_id(self, repo_type: str, segments: list[str]) -> tuple[str, list[str]]:
         """Split ``[org, name, *rest]`` or ``[name, *rest]`` into the repo id and the rest."""

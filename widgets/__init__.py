@@ -6,6 +6,8 @@
   heatmap and the cross-fine-tune similarity matrix, with fine-tune / module-kind / layer selectors.
 - :class:`SweepPanel`: methods from the registry, rates, seeds, evaluation data, Run / Cancel; the metric-versus-rate
   curve grows point by point while the sweep runs in a worker thread.
+- :class:`MergePanel`: 2 to 8 fine-tunes of one base (the family's members, or any references), merge methods from
+  the registry, rates, lambdas, seeds, Run / Cancel; one live figure per task and a task-by-task table.
 
 A dashboard or panel takes its models as references or as resolved ``Snapshot``s; built with ``picker=``, it
 follows the picker's fields and uses the snapshots the picker resolved, so no model is resolved twice.
@@ -18,8 +20,9 @@ This package lives in the repository's top-level ``widgets/`` folder and is inst
 
 from __future__ import annotations
 
+from deltakit.widgets.merge import MergePanel
 from deltakit.widgets.picker import ModelPicker
 from deltakit.widgets.stats import StatsDashboard
 from deltakit.widgets.sweep import SweepPanel
 
-__all__ = ["ModelPicker", "StatsDashboard", "SweepPanel"]
+__all__ = ["MergePanel", "ModelPicker", "StatsDashboard", "SweepPanel"]

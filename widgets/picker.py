@@ -21,7 +21,7 @@ from deltakit.sources import ModelRef, Snapshot, SourceError, resolve
 from deltakit.tensors import TensorReader
 from deltakit.widgets._common import BackgroundJob, error_html, report_error
 
-__all__ = ["ModelPicker", "join_ref", "split_ref"]
+__all__ = ["ModelPicker", "candidate_label", "join_ref", "split_ref"]
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -151,7 +151,7 @@ class ModelPicker(w.VBox):
                 return
             self.search = search
             rows = search.finetunes.to_dict("records")
-            self.candidates.options = [(_candidate_label(r), r["ref"]) for r in rows]
+            self.candidates.options = [(candidate_label(r), r["ref"]) for r in rows]
             self.candidates.value = None
             self.search_note.value = html.escape(search.note)
 
@@ -203,7 +203,8 @@ class ModelPicker(w.VBox):
             return None
 
 
-def _candidate_label(row: dict) -> str:
+def candidate_label(row: dict) -> str:
+    """How a found fine-tune is listed: its reference, its task, and its downloads for a Hub model."""
     parts = [row["ref"]]
     if row.get("task"):
         parts.append(str(row["task"]))

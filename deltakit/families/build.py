@@ -139,10 +139,10 @@ def _build_finetune(
         "base_model_relation": "finetune",
         "library_name": "transformers",
         "pipeline_tag": "text-classification",
-        "license": family.license,
+        "license": spec.license or family.license,
         "language": ["en"],
         "datasets": [family.dataset_id],
-        "tags": ["deltakit", "bert", "sentiment-analysis"],
+        "tags": ["deltakit", "bert", "topic-classification" if spec.task == "topic" else "sentiment-analysis"],
         "task": spec.task,
         "labels": list(labels),
         "recipe": spec.recipe.to_card(),
@@ -305,8 +305,9 @@ def family_split(
     Args:
         family: A key of :data:`deltakit.families.FAMILIES`.
         split: ``train``, ``validation`` or ``test``.
-        task: ``sentiment3`` (3 labels, every row) or ``polarity`` (2 labels, neutral rows dropped); a fine-tuned
-            member's task is ``get_family(family).task_of(member)`` and the ``task`` field of its card.
+        task: a key of :data:`deltakit.families.data.TASKS`: ``sentiment3`` (3 labels, every tweet), ``polarity``
+            (2 labels, neutral tweets dropped) or ``topic`` (5 BBC News topics); a fine-tuned member's task is
+            ``get_family(family).task_of(member)`` and the ``task`` field of its card.
         home: deltakit home (default :func:`deltakit.families.deltakit_home`).
         build: Write the dataset if it is missing.
 

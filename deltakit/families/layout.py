@@ -57,8 +57,10 @@ def _digest(*parts: str) -> str:
 def folder_fingerprint(family: Family, member: str) -> str:
     """Hash of everything that defines a folder; reprs of frozen dataclasses are stable across processes."""
     data = _digest(str(FORMAT_VERSION), repr(family.data))
-    if member == DATA_FOLDER:
-        return data
+    if member == DATA_FOLDER:  # the corpora too: a new task's corpus rewrites the data folder (seconds), no member
+        from deltakit.families.data import TASK_SPECS
+
+        return _digest(data, *sorted({TASK_SPECS[spec.task].corpus.config for spec in family.finetunes}))
     builder = f"{family.build_base.__module__}.{family.build_base.__qualname__}"
     base = _digest(data, builder, repr(family.base_config))
     if member == family.base:

@@ -9,6 +9,9 @@ otherwise.
   launcher or the blocked torch launcher.
 * :mod:`deltakit.kernels.apply` -- backend selection, the reference :func:`fused_apply_torch`, the Triton launchers
   :func:`fused_apply_triton` and :func:`uniform_triton`; kernels in :mod:`deltakit.kernels.triton_apply`.
+* :mod:`deltakit.kernels.merge` -- the fused merge of K fine-tunes (task arithmetic, TIES, DARE+TA/TIES, Breadcrumbs):
+  :class:`~deltakit.kernels.merge.MergePlan`, the reference ``fused_merge_torch`` and the entry point ``fused_merge``;
+  Triton launcher in :mod:`deltakit.kernels.merge_triton`, kernel in :mod:`deltakit.kernels.triton_merge`.
 * :mod:`deltakit.kernels.stats` -- one-pass delta statistics, :func:`partials_triton` (reference
   ``deltakit.partials.partials_torch``); kernel in :mod:`deltakit.kernels.triton_stats`.
 """

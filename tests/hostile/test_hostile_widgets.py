@@ -144,3 +144,32 @@ def test_bad_input_is_shown_in_place_and_the_widget_stays_usable(case: Case, mod
     kind.run(widget)
     assert kind.succeeded(widget), widget.status.value
     assert escaped == []
+
+
+# --- MergePanel: the same checks, with a second fine-tune to merge ------------------------------------------------
+from deltakit.widgets import MergePanel  # noqa: E402 - the merge cases were added after the others
+
+KINDS["merge"] = Kind(lambda m: MergePanel(m["base"], [m["ft"], m["ft2"]], methods=["ta", "dare_ta"], rates=(0.5,),
+                                           lambdas=(1.0,), seeds=(0,), evaluators=[_evaluate, _evaluate]),
+                      lambda w: w.run(blocking=True), lambda w: w.status.value.startswith("done"))
+MERGE_CASES = [
+    Case("merge-one-finetune", "merge", {"more_fine_tunes": "{ft}"}, "status",
+         ("not started", "a merge takes 2 to 8 fine-tunes", "got 1")),
+    Case("merge-corrupt-finetune", "merge", {"more_fine_tunes": "{ft} {corrupt}"}, "status", ("failed:", *CORRUPT)),
+    Case("merge-q-out-of-range", "merge", {"method_specs": "dare_ta:q=5"}, "status",
+         ("not started", "dare_ta(q=5) cannot run at rate 0.5", "q must be in [1 - rate, 1]")),
+]
+
+
+@pytest.fixture(scope="module")
+def merge_models(models: dict[str, str], bert_family: dict[str, Path]) -> dict[str, str]:
+    """``models`` plus ``{ft2}``: a second fine-tune of the same base, to merge with ``{ft}``."""
+    ft2 = Path(models["root"]) / "ft2"
+    shutil.copytree(bert_family["ft2"], ft2, dirs_exist_ok=True)
+    return models | {"ft2": str(ft2)}
+
+
+@pytest.mark.parametrize("case", MERGE_CASES, ids=lambda c: c.name)
+def test_bad_merge_input_is_shown_in_place_and_the_panel_stays_usable(case: Case, merge_models, silent_hub, hf_home,
+                                                                      monkeypatch):
+    test_bad_input_is_shown_in_place_and_the_widget_stays_usable(case, merge_models, silent_hub, hf_home, monkeypatch)

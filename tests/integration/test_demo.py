@@ -31,7 +31,8 @@ def test_demo_writes_the_report_and_results(tiny: Path, tmp_path: Path, capsys) 
 
     html = (out / "index.html").read_text()
     for section in ("Findings", "Delta statistics", "Accuracy vs pruning rate: sentiment3", "Accuracy vs pruning rate: "
-                    "sentiment3-hot", "Rescale q chosen by DAREx-q", "64 test examples", "Finished in"):
+                    "sentiment3-hot", "Rescale q chosen by DAREx-q", "64 test examples", "Finished in",
+                    "Merging sentiment3 + topic", "Merged model on topic"):
         assert section in html, section
     assert not re.search(r"<script[^>]*\ssrc=", html)  # self-contained: plotly.js is inlined, no script is fetched
     assert html.count("Plotly.newPlot") >= 5
@@ -45,6 +46,11 @@ def test_demo_writes_the_report_and_results(tiny: Path, tmp_path: Path, capsys) 
         points = hot[hot["method"] == method]
         assert sorted(points["rate"].unique()) == [0.5, 0.9, 0.95, 0.99]
         assert points.groupby("rate")["seed"].nunique().eq(2).all()  # two seeds per rate: intervals exist
+    # The merge section: each merge method on both tasks, each task with its own head, beside the fine-tunes alone.
+    merged = acc[acc["member"] == "sentiment3+topic"]
+    assert set(merged["method"]) == {"ta", "ties", "dare_ta", "dare_ties", "finetuned", "base"}
+    assert set(merged["task"]) == {"sentiment3", "topic"}
+    assert sum("merge sentiment3 + topic on" in line for line in lines) == 2
     q = hot[hot["method"] == "darex_q_labelled"]
     assert (q["q"] >= 1 - q["rate"] - 1e-9).all() and (q["q"] <= 1).all()  # the searched q lies in [1 - rate, 1]
     assert (out / "stats").is_dir()
@@ -52,7 +58,7 @@ def test_demo_writes_the_report_and_results(tiny: Path, tmp_path: Path, capsys) 
     # A rerun reuses every stored point (the append-only stores do not grow) and gives the same numbers.
     stores = sorted((out / "sweeps").glob("*/results.jsonl"))
     sizes = [p.stat().st_size for p in stores]
-    assert len(stores) == 2
+    assert len(stores) == 3  # the two members' sweeps and the merge
     assert main(["demo", "--family", "tiny", "--out", str(out), "--limit", "64"]) == 0
     rerun = pd.read_parquet(out / "results.parquet")
     cols = ["member", "method", "rate", "seed", "metric", "value"]
