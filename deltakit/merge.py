@@ -105,23 +105,19 @@ class MergedModel:
         self.models = [(model_loader(ft.path) if model_loader else load_classifier(ft)).to(self.device).eval()
                        for ft in self.ft_snapshots]
         self.tokenizers = [load_tokenizer(ft) for ft in self.ft_snapshots]
-        shared = dict(self.models[0].named_parameters())
+        params = [dict(model.named_parameters()) for model in self.models]
         self.targets: list[_MergeTarget] = []
         for pair in pairings[0].prunable():
-            param = shared.get(pair.name)
+            param = params[0].get(pair.name)
             if param is None:
                 raise ValueError(f"checkpoint tensor {pair.name!r} is not a parameter of the loaded model; exclude it.")
             base_t = base_reader.read(pair.base_name).to(self.device, param.dtype)
             fts = []
             for k, model in enumerate(self.models):
-                own = dict(model.named_parameters())[pair.name]
-                fts.append(own.detach().clone())
-                try:
-                    check_finite_delta(base_t, fts[-1], pair.name)
-                except ValueError as err:
-                    raise ValueError(f"fine-tune {self.ft_snapshots[k].ref!r}: {err}".split("; fix")[0] +
-                                     f"; fix the checkpoint, or leave the tensor out of the merge (--exclude "
-                                     f"'{re.escape(pair.name)}').") from None
+                fts.append(params[k][pair.name].detach().clone())
+                check_finite_delta(base_t, fts[-1], f"{pair.name} of {self.ft_snapshots[k].ref}",
+                                   fix=f"fix the checkpoint, or leave the tensor out of the merge (--exclude "
+                                       f"'{re.escape(pair.name)}')")
                 if k:  # the K models share one parameter object: a merge is written once
                     module_name, _, leaf = pair.name.rpartition(".")
                     setattr(model.get_submodule(module_name), leaf, param)

@@ -140,8 +140,10 @@ def _describe(t: object) -> str:
     return type(t).__name__
 
 
-def check_finite_delta(base: Tensor, ft: Tensor, name: str) -> None:
-    """Raise if ``ft - base`` (fp32) has NaN/Inf; two reductions in the common, finite case."""
+def check_finite_delta(base: Tensor, ft: Tensor, name: str, *,
+                       fix: str = "fix the checkpoint, exclude the tensor, or pass allow_nonfinite=True to prune it "
+                                  "anyway") -> None:
+    """Raise if ``ft - base`` (fp32) has NaN/Inf (the message ends with ``fix``); two reductions when finite."""
     if base.numel() == 0:
         return
     # A sum is NaN/Inf whenever a term is (IEEE propagation), so finite sums prove finite inputs and hence a finite
@@ -153,6 +155,5 @@ def check_finite_delta(base: Tensor, ft: Tensor, name: str) -> None:
     bad = int((~torch.isfinite(ft.float() - base.float())).sum())
     if bad:
         raise ValueError(
-            f"tensor {name!r} has {bad} non-finite (NaN/Inf) delta entries out of {base.numel()}; fix the checkpoint, "
-            "exclude the tensor, or pass allow_nonfinite=True to prune it anyway"
+            f"tensor {name!r} has {bad} non-finite (NaN/Inf) delta entries out of {base.numel()}; {fix}"
         )
