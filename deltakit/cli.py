@@ -64,9 +64,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                      preset=args.preset, include=args.include, exclude=args.exclude, shared_rows=args.shared_rows,
                      task=args.task, split=args.split, eval_limit=args.limit)
     df = sweep(spec, RunOptions(device=args.device, backend=args.backend, out=args.out, wait=args.wait))
-    ok = df[df["status"] == "ok"]
-    if len(ok):
-        metric = "accuracy" if "accuracy" in set(ok["metric"]) else ok["metric"].iloc[0]
+    metric = _main_metric(df)
+    if metric:
         table = summarise(df, metric)[["label", "rate", "mean", "std", "n_seeds", "q"]]
         print(f"{metric}, mean over seeds:")
         print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
@@ -82,9 +81,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                      seeds=args.seeds, preset=args.preset, include=args.include, exclude=args.exclude,
                      tasks=args.tasks, split=args.split, eval_limit=args.limit)
     df = merge_sweep(spec, RunOptions(device=args.device, backend=args.backend, out=args.out, wait=args.wait))
-    ok = df[df["status"] == "ok"]
-    if len(ok):
-        metric = "accuracy" if "accuracy" in set(ok["metric"]) else ok["metric"].iloc[0]
+    metric = _main_metric(df)
+    if metric:
         print(f"{metric} per task, mean over seeds:")
         print(merge_summary(df, metric).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
         print(f"report: {write_merge_report(df, f'{args.out}/index.html', metric=metric)}")
@@ -134,6 +132,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         print(f"pushed: {export.push_to_hub(path, args.push_to_hub)}")
     return 0
+
+
+def _main_metric(df) -> str | None:
+    """The metric the CLI tables show: accuracy when measured, else the first one; None when no point finished."""
+    ok = df[df["status"] == "ok"] if len(df) else df
+    if not len(ok):
+        return None
+    return "accuracy" if "accuracy" in set(ok["metric"]) else ok["metric"].iloc[0]
 
 
 def _report_failed(df) -> int:

@@ -163,11 +163,6 @@ class MergedModel:
         for t in self.targets:
             t.param.data.copy_(t.base if source == "base" else t.fts[source])
 
-    def release_plans(self) -> None:
-        """Forget cached thresholds (they depend on the rate, not the seed)."""
-        for t in self.targets:
-            t.plans.clear()
-
 
 def _default_evaluators(spec: MergeSpec, mm: MergedModel, fts: list[Snapshot]) -> list[Evaluator]:
     tasks = spec.tasks or (None,) * len(fts)
@@ -184,17 +179,15 @@ def _run_point(mm: MergedModel, evaluators: list[Evaluator], labels: list[str], 
                   metrics={})
     t0 = time.perf_counter()
     try:
-        metrics = {}
-        if spec.name in ("finetuned", "base"):
-            prep = 0.0
-            for k, (ev, label) in enumerate(zip(evaluators, labels)):
-                mm.set_body(k if spec.name == "finetuned" else "base")
-                metrics[label] = {m: float(v) for m, v in ev(mm.models[k]).items()}
-        else:
+        reference = spec.name in ("finetuned", "base")
+        if not reference:
             mm.apply(spec.name, rate=rate, seed=seed, lam=lam, backend=backend, **params)
-            prep = time.perf_counter() - t0
-            for k, (ev, label) in enumerate(zip(evaluators, labels)):
-                metrics[label] = {m: float(v) for m, v in ev(mm.models[k]).items()}
+        prep = time.perf_counter() - t0
+        metrics = {}
+        for k, (ev, label) in enumerate(zip(evaluators, labels)):
+            if reference:  # each fine-tune alone, or the base body, under task k's head
+                mm.set_body(k if spec.name == "finetuned" else "base")
+            metrics[label] = {m: float(v) for m, v in ev(mm.models[k]).items()}
         evs = time.perf_counter() - t0 - prep
     except Exception as err:  # a failed point is recorded and the sweep goes on
         return dict(record, status="failed", error=f"{type(err).__name__}: {err}",

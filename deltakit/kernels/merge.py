@@ -37,7 +37,7 @@ import torch
 from deltakit import masks
 from deltakit.kernels.apply import resolve_backend
 
-__all__ = ["COMBINES", "MAX_FINETUNES", "MergePlan", "fused_merge", "fused_merge_torch", "check_merge_args"]
+__all__ = ["COMBINES", "MAX_FINETUNES", "MergePlan", "check_lam", "check_merge_args", "fused_merge", "fused_merge_torch"]
 
 #: How the selected, rescaled deltas of the K fine-tunes are combined.
 COMBINES = ("sum", "ties")
@@ -100,8 +100,17 @@ def check_merge_args(dst: torch.Tensor, base: torch.Tensor, fts: torch.Tensor, p
     if plan.random and (keys is None or len(keys) != k):
         raise ValueError(f"a random merge plan needs one Philox key per fine-tune ({k}), got {keys!r}")
     masks.check_rate(rate)
+    check_lam(lam)
+
+
+def check_lam(lam: float) -> None:
+    """Refuse a merge weight that is not a finite number.
+
+    Raises:
+        ValueError: naming the value.
+    """
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        raise ValueError(f"lam (the merge weight lambda) must be a finite number, got {lam!r}")
+        raise ValueError(f"lam (the merge weight lambda) must be a finite number such as 0.5 or 1.0, got {lam!r}")
 
 
 def _zero_unless(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

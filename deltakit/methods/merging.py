@@ -46,10 +46,11 @@ from torch import Tensor
 
 from deltakit import masks
 from deltakit.darex import q_in_range
-from deltakit.kernels.merge import MAX_FINETUNES, MergePlan, fused_merge_torch
+from deltakit.kernels.merge import MAX_FINETUNES, MergePlan, check_lam, fused_merge_torch
+from deltakit.methods.dare import dare_scale
 from deltakit.methods.registry import _NAME_RE, check_finite
 
-__all__ = ["MergeInfo", "register_merge", "get_merge", "merge_methods", "merge_params", "merge_keys", "run_plan"]
+__all__ = ["MergeInfo", "register_merge", "get_merge", "merge_methods", "merge_keys", "run_plan"]
 
 _MERGE_CONTRACT = ("rate", "seed", "name", "lam")
 _MERGES: dict[str, MergeInfo] = {}
@@ -145,11 +146,6 @@ def merge_methods() -> list[str]:
     return sorted(_MERGES)
 
 
-def merge_params(name: str) -> dict[str, inspect.Parameter]:
-    """The schema of a merge method: its own keyword-only parameters."""
-    return get_merge(name).params
-
-
 def check_deltas(deltas: Sequence[Tensor], name: str) -> None:
     """Refuse anything but 1 to 8 finite floating-point tensors of one shape (naming the tensor)."""
     if isinstance(deltas, Tensor) or not 1 <= len(deltas) <= MAX_FINETUNES:
@@ -159,12 +155,6 @@ def check_deltas(deltas: Sequence[Tensor], name: str) -> None:
         if not isinstance(d, Tensor) or not d.is_floating_point() or d.shape != deltas[0].shape:
             raise ValueError(f"delta {k} of {name!r} must be a float tensor of shape {tuple(deltas[0].shape)}")
         check_finite(d, f"{name} (fine-tune {k})")
-
-
-def check_lam(lam: float) -> None:
-    """Refuse a merge weight that is not a finite number."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        raise ValueError(f"lam (the merge weight lambda) must be a finite number such as 0.5 or 1.0, got {lam!r}")
 
 
 def merge_keys(seed: int, name: str, k: int) -> list[int]:
@@ -200,7 +190,7 @@ def trim_threshold(delta: Tensor, rate: float) -> float:
 
 def _dare_scale(rate: float, q: float | None) -> float:
     if q is None:
-        return 1.0 / (1.0 - rate) if rate < 1.0 else 1.0
+        return dare_scale(rate)
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not q_in_range(float(q), rate) or q <= 0:
         raise ValueError(f"q must be in [1 - rate, 1] = [{1 - rate:.6g}, 1] for rate={rate:g} (DAREx-q rescale 1/q), "
                          f"got {q!r}")

@@ -7,8 +7,6 @@ CPU tests run the kernels in Triton's interpreter (TRITON_INTERPRET=1, set by te
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -22,20 +20,10 @@ from deltakit.kernels.apply import (
     resolve_backend,
     uniform_triton,
 )
+from triton_marks import HAS_TRITON, INT_VIEW, needs_compiled_triton, needs_interpreter
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_interpreter = pytest.mark.skipif(
-    not (HAS_TRITON and interpreter_enabled()),
-    reason="kernel tests on CPU need triton and TRITON_INTERPRET=1 (set by tests/conftest.py)",
-)
-needs_compiled_triton = pytest.mark.skipif(
-    not HAS_TRITON or interpreter_enabled(),
-    reason="GPU kernel tests need triton with TRITON_INTERPRET=0 (tests/conftest.py defaults it to 1)",
-)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-             torch.float64: torch.int64}
 
 
 def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -44,7 +32,7 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
     a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
     nan_a, nan_b = torch.isnan(a), torch.isnan(b)
     assert torch.equal(nan_a, nan_b), "NaN positions differ"
-    ia, ib = a.view(_INT_VIEW[a.dtype]), b.view(_INT_VIEW[b.dtype])
+    ia, ib = a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype])
     diff = (ia != ib) & ~nan_a
     assert not bool(diff.any()), f"{int(diff.sum())} of {a.numel()} entries differ, first at {int(diff.nonzero()[0][0])}"
 

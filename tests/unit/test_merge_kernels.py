@@ -8,7 +8,6 @@ run the compiled kernel on CUDA against the reference on the CPU; run them with 
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 
@@ -17,25 +16,13 @@ import torch
 
 from deltakit import masks
 from deltakit.kernels import merge as merge_mod
-from deltakit.kernels.apply import interpreter_enabled
 from deltakit.kernels.merge import MergePlan, fused_merge, fused_merge_torch
 from deltakit.methods.merging import get_merge, merge_keys
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_interpreter = pytest.mark.skipif(
-    not (HAS_TRITON and interpreter_enabled()),
-    reason="kernel tests on CPU need triton and TRITON_INTERPRET=1 (set by tests/conftest.py)",
-)
-needs_compiled_triton = pytest.mark.skipif(
-    not HAS_TRITON or interpreter_enabled(),
-    reason="GPU kernel tests need triton with TRITON_INTERPRET=0 (tests/conftest.py defaults it to 1)",
-)
+from triton_marks import HAS_TRITON, INT_VIEW, needs_compiled_triton, needs_interpreter
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NAME = "model.layers.3.self_attn.o_proj.weight"
 SHAPE = (19, 53)  # 1007 entries: 2-D, not a multiple of any block
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-             torch.float64: torch.int64}
 # (rate, lam) pairs of one parity case: every rate of the brief, both weights.
 RATE_LAM = [(0.0, 1.0), (0.5, 0.5), (0.9, 1.0), (1.0, 0.5)]
 
@@ -46,7 +33,7 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
     a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
     assert not bool(torch.isnan(a).any() or torch.isnan(b).any()), "NaN in a result"
     assert torch.equal(a, b)
-    ia, ib = a.view(_INT_VIEW[a.dtype]), b.view(_INT_VIEW[b.dtype])
+    ia, ib = a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype])
     diff = ia != ib  # torch.equal says 0.0 == -0.0: the bit patterns must agree too
     first = int(diff.nonzero()[0][0]) if bool(diff.any()) else -1
     assert first < 0, f"{int(diff.sum())} of {a.numel()} entries differ, first at {first}"
