@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from deltakit import masks
 from deltakit.families.card import write_card
@@ -966,14 +967,20 @@ def _staged(folder: Path, overwrite: bool) -> Iterator[Path]:
     """Write into a staging folder beside ``folder``, then rename it into place; remove it on any failure.
 
     An existing target is moved aside only once the new folder is complete, and removed after the rename; if that
-    rename fails the old folder is put back. A reader never sees a half-written folder at ``folder``.
+    rename fails the old folder is put back. A reader never sees a half-written folder at ``folder``. A failed write
+    (a full disk: ``OSError``, or the ``SafetensorError`` safetensors raises for it) becomes an :class:`ExportError`
+    naming the folder.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     staging = folder.parent / f".{folder.name}.staging-{tag}"
     staging.mkdir()  # honours the umask, unlike mkdtemp's 0700: the export is a normal folder
     try:
-        yield staging
+        try:
+            yield staging
+        except (OSError, SafetensorError) as err:  # a full disk or a file size limit, from any writer
+            raise ExportError(f"could not write {folder}: {err}. Free disk space (or raise the file size limit) and "
+                              f"export again; nothing was written to {folder}.") from err
         _check_target(folder, overwrite)  # it may have been filled while we wrote
         if folder.is_dir() and any(folder.iterdir()):
             aside = folder.parent / f".{folder.name}.replaced-{tag}"

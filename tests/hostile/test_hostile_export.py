@@ -370,3 +370,31 @@ def test_non_seeded_methods_are_refused_before_anything_is_written(bert_family, 
     with pytest.raises(CompactDeltaError, match="only element-wise random plans"):
         save_compact_delta(bert_family["base"], bert_family["ft1"], tmp_path / "d", method=method, rate=0.5, seed=0)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["model", "compact"])
+def test_a_full_disk_mid_export_leaves_no_half_written_folder(kind, tiny, tmp_path):
+    """A file size limit hit while writing (as a full disk would): one clear line, exit 2, and neither the target nor
+    a staging folder is left behind; with room again the same command succeeds."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "exported"
+    args = ["export", "family:tiny/base", "family:tiny/sentiment3", "--method", "dare", "--rate", "0.5", "--out",
+            str(out)] + (["--compact"] if kind == "compact" else [])
+    code = ("import resource, sys\n"
+            "from deltakit.cli import main\n"
+            "if sys.argv[1] != '0':\n"
+            "    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)\n"
+            "sys.exit(main(sys.argv[2:]))\n")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    full = subprocess.run([sys.executable, "-c", code, "100000", *args], capture_output=True, text=True, timeout=120,
+                          env=env, stdin=subprocess.DEVNULL)
+    assert full.returncode == 2, full.stderr[-2000:]
+    assert full.stderr.startswith("deltakit: error:") and "Traceback" not in full.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no target, no staging folder
+    again = subprocess.run([sys.executable, "-c", code, "0", *args], capture_output=True, text=True, timeout=120,
+                           env=env, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "README.md").is_file()

@@ -193,3 +193,21 @@ def test_a_download_stalled_mid_body_ends_at_its_first_timeout(monkeypatch):
                 for _ in response.iter_bytes():
                     pass
     assert time.monotonic() - start < 10
+
+
+def test_export_push_to_a_silent_hub_fails_in_bounds_and_keeps_the_export(tiny, tmp_path, hf_home):
+    """`deltakit export --push-to-hub` against a Hub that never answers: one line naming the host, within bounds,
+    and the exported folder stays whole on disk (nothing computed is lost)."""
+    out = tmp_path / "pruned"
+    code = ("import sys; from deltakit.cli import main; sys.exit(main(['export', 'family:tiny/base', "
+            "'family:tiny/sentiment3', '--method', 'dare', '--rate', '0.9', '--out', sys.argv[1], "
+            "'--push-to-hub', 'org/pruned']))")
+    with stalling_server(None) as url:
+        done, seconds = run_python(code, str(out), env={"HF_ENDPOINT": url, "HF_TOKEN": "hf_" + "Q" * 34,
+                                                        "HF_HUB_DOWNLOAD_TIMEOUT": str(TIMEOUT_S),
+                                                        "HF_HUB_ETAG_TIMEOUT": str(TIMEOUT_S)})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.startswith("deltakit: error:") and "Traceback" not in done.stderr
+    assert url.split("//")[1] in done.stderr and "Q" * 34 not in done.stdout + done.stderr
+    assert f"wrote {out}" in done.stdout and (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    assert seconds < 45, f"took {seconds:.1f} s"
