@@ -967,9 +967,8 @@ def _staged(folder: Path, overwrite: bool) -> Iterator[Path]:
     """Write into a staging folder beside ``folder``, then rename it into place; remove it on any failure.
 
     An existing target is moved aside only once the new folder is complete, and removed after the rename; if that
-    rename fails the old folder is put back. A reader never sees a half-written folder at ``folder``. A failed write
-    (a full disk: ``OSError``, or the ``SafetensorError`` safetensors raises for it) becomes an :class:`ExportError`
-    naming the folder.
+    rename fails the old folder is put back. A reader never sees a half-written folder at ``folder``. A full disk while
+    safetensors writes (its ``SafetensorError``) is raised as an ``OSError`` naming the folder, like any other write.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -978,9 +977,9 @@ def _staged(folder: Path, overwrite: bool) -> Iterator[Path]:
     try:
         try:
             yield staging
-        except (OSError, SafetensorError) as err:  # a full disk or a file size limit, from any writer
-            raise ExportError(f"could not write {folder}: {err}. Free disk space (or raise the file size limit) and "
-                              f"export again; nothing was written to {folder}.") from err
+        except SafetensorError as err:  # safetensors reports a full disk as its own error, not an OSError
+            raise OSError(f"could not write {folder}: {err}. Free disk space (or raise the file size limit) and "
+                          f"export again; nothing was written to {folder}.") from err
         _check_target(folder, overwrite)  # it may have been filled while we wrote
         if folder.is_dir() and any(folder.iterdir()):
             aside = folder.parent / f".{folder.name}.replaced-{tag}"
