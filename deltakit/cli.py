@@ -2,7 +2,7 @@
 
     deltakit family list
     deltakit family build [NAME ...]
-    deltakit stats BASE FT [FT ...] [--out DIR] [--json]
+    deltakit stats BASE FT [FT ...] [--out DIR] [--json] [--spectral [--spectral-k K]]
     deltakit sweep BASE FT --methods dare magnitude --rates 0.5 0.9 --seeds 0 1 [--task T] [--out DIR]
     deltakit merge BASE FT1 FT2 [FT ...] --methods ta ties dare_ta --rates 0.5 0.9 --lambdas 0.5 1 [--out DIR]
     deltakit export BASE FT [FT ...] --method dare --rate 0.9 --seed 0 --out DIR [--compact] [--push-to-hub ORG/NAME]
@@ -45,6 +45,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     stats = delta_stats(
         args.base, args.fine_tunes, preset=args.preset, include=args.include, exclude=args.exclude,
         shared_rows=args.shared_rows, device=args.device, allow_pickle=args.allow_pickle, progress=not args.json,
+        spectral=args.spectral, spectral_k=args.spectral_k,
     )
     # Print first: a late write error must not lose what was computed.
     print(json.dumps(stats.to_json(), default=str) if args.json else stats.summary(), flush=True)
@@ -201,6 +202,11 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--shared-rows", action="store_true", help="compare shared leading rows when vocab sizes differ")
     st.add_argument("--device", default="cpu", help="cpu or cuda (cuda uses the Triton statistics kernel)")
     st.add_argument("--allow-pickle", action="store_true", help="accept pickled weights (unsafe for untrusted models)")
+    st.add_argument("--spectral", action="store_true",
+                    help="also compute spectral statistics of every 2-D delta (stable / effective rank, top-k energy, "
+                         "rank at 90%%/99%% energy, merged-LoRA-like low rank)")
+    st.add_argument("--spectral-k", type=int, default=64, metavar="K",
+                    help="top singular values for --spectral (default: 64)")
     st.set_defaults(func=_cmd_stats)
 
     sw = sub.add_parser("sweep", help="prune a fine-tune over methods x rates x seeds and evaluate every point")
@@ -212,14 +218,16 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--rates", nargs="+", type=float, default=list(DEFAULT_RATES),
                     help=f"pruning rates in [0, 1], sorted and de-duplicated (default: {' '.join(map(str, DEFAULT_RATES))})")
     sw.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
-    sw.add_argument("--task", help="evaluation data: glue/TASK, a dataset id, a parquet/csv file "
-                    "(default: the family member's own data)")
+    sw.add_argument("--task", help="evaluation data: glue/TASK, a dataset id, a parquet/csv/jsonl file (default: the "
+                    "family member's own data); a decoder is scored by multiple choice, generation or perplexity "
+                    "when the data has a 'choices', an 'answer' or only a 'text' column")
     sw.add_argument("--split", default="test", help="evaluation split (default: test)")
     sw.add_argument("--limit", type=int, help="evaluate on a seeded subset of this many examples")
     sw.add_argument("--out", default="deltakit-sweep", help="results folder (resumable)")
     sw.add_argument("--wait", action="store_true",
                     help="wait for another sweep writing to the same --out to finish instead of failing")
-    sw.add_argument("--preset", default=DEFAULT_PRESET, help=f"prunable-set preset (default: {DEFAULT_PRESET})")
+    sw.add_argument("--preset", default=DEFAULT_PRESET, help=f"prunable-set preset (default: {DEFAULT_PRESET}: "
+                    "darex_decoder for a decoder LM, mergelm_encoder otherwise)")
     sw.add_argument("--include", action="append", help="regex a prunable tensor must match (repeatable)")
     sw.add_argument("--exclude", action="append", help="regex excluding tensors from the prunable set (repeatable)")
     sw.add_argument("--shared-rows", action="store_true",

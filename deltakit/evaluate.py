@@ -183,34 +183,57 @@ class ClassificationEvaluator:
 class PerplexityEvaluator:
     """Perplexity of a causal LM on a list of texts: exp(mean next-token NLL over all predicted tokens).
 
+    Texts are tokenized once here (with the tokenizer's own special tokens) and right-padded per batch by the
+    evaluator itself, so the caller's tokenizer is never modified and positions are those of unpadded text.
+
     Args:
         texts: the evaluation texts.
         tokenizer: the model's tokenizer.
         max_length: truncation length; batch_size: texts per forward pass.
+
+    Raises:
+        ValueError: no texts, or none with at least two tokens (nothing to predict).
     """
 
     def __init__(self, texts: Sequence[str], tokenizer, *, max_length: int = 256, batch_size: int = 8) -> None:
         if not texts:
             raise ValueError("no texts to compute perplexity on.")
-        self._enc = [tokenizer(t, truncation=True, max_length=max_length) for t in texts]
-        self.tokenizer = tokenizer
+        self._ids = [ids for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+                     if len(ids) >= 2]
+        if not self._ids:
+            raise ValueError("every text is shorter than two tokens: there is no next token to predict.")
         self.batch_size = batch_size
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        self.fingerprint = f"perplexity:{max_length}:{len(self._ids)}:{hash_ids(self._ids)}"
 
     @torch.inference_mode()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
         nll, count = 0.0, 0
-        for idx in _batches(len(self._enc), self.batch_size):
-            batch = self.tokenizer.pad([self._enc[i] for i in idx], return_tensors="pt").to(device)
-            logits = model(**batch).logits.float()[:, :-1]
-            target = batch["input_ids"][:, 1:]
-            mask = batch["attention_mask"][:, 1:].bool()
-            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-            nll += float(loss[mask].sum())
-            count += int(mask.sum())
+        for idx in _batches(len(self._ids), self.batch_size):
+            rows = [self._ids[i] for i in idx]
+            width = max(map(len, rows))
+            input_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (batch, seq), right-padded with 0
+            mask = torch.zeros((len(rows), width), dtype=torch.long)  # (batch, seq)
+            for r, ids in enumerate(rows):
+                input_ids[r, : len(ids)] = torch.as_tensor(ids)
+                mask[r, : len(ids)] = 1
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()[:, :-1]  # (batch, seq-1, vocab)
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+            predicted = mask[:, 1:].bool()
+            nll += float(loss[predicted].sum())
+            count += int(predicted.sum())
         return {"perplexity": math.exp(nll / count), "nll": nll / count}
+
+
+def hash_ids(rows: Sequence[Sequence[int]]) -> str:
+    """A short stable digest of token id lists (for evaluator fingerprints)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    for ids in rows:
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()
 
 
 def load_split(source: str, split: str = "validation", *, limit: int | None = None,

@@ -38,7 +38,7 @@ from deltakit.methods.merging import merge_keys
 from deltakit.pairing import DEFAULT_PRESET, PairingError, pair_models
 from deltakit.prune import check_finite_delta
 from deltakit.refs import Snapshot
-from deltakit.resident import load_classifier, load_tokenizer
+from deltakit.resident import load_model, load_tokenizer
 from deltakit.sources import resolve
 from deltakit.spec import MergeSpec, MethodSpec, RunOptions
 from deltakit.store import ResultStore, fingerprint, point_key
@@ -72,7 +72,7 @@ class MergedModel:
         base / fine_tunes: snapshots (:func:`deltakit.sources.resolve`); 1 to 8 fine-tunes.
         preset / include / exclude: the merged set (:mod:`deltakit.pairing`); it must be the same for every fine-tune.
         device: where the models live.
-        model_loader: ``path -> nn.Module``; default :func:`deltakit.resident.load_classifier` (never runs a
+        model_loader: ``path -> nn.Module``; default :func:`deltakit.resident.load_model` (never runs a
             checkpoint's code).
         cache_uniforms: keep each seed's uniform numbers per tensor and fine-tune (CPU; 4 bytes x K per merged
             parameter per seed).
@@ -99,10 +99,11 @@ class MergedModel:
                 raise PairingError(f"{ft.label!r} and {self.ft_snapshots[0].label!r} do not share one merged set "
                                    f"(e.g. {odd}): merge fine-tunes of one base and architecture, or narrow the set "
                                    "with --include / --exclude.")
+        self.preset = pairings[0].preset  # "auto" resolved
         if not merged[0]:
             raise ValueError(f"nothing to merge: preset {preset!r} with include={list(include or [])} and "
                              f"exclude={list(exclude or [])} selects no tensor. Loosen --exclude / --include.")
-        self.models = [(model_loader(ft.path) if model_loader else load_classifier(ft)).to(self.device).eval()
+        self.models = [(model_loader(ft.path) if model_loader else load_model(ft)).to(self.device).eval()
                        for ft in self.ft_snapshots]
         self.tokenizers = [load_tokenizer(ft) for ft in self.ft_snapshots]
         params = [dict(model.named_parameters()) for model in self.models]
@@ -235,7 +236,8 @@ def merge_sweep(spec: MergeSpec, options: RunOptions | None = None, *, evaluator
         for ev, model in zip(evs, mm.models):
             if hasattr(ev, "check_model"):
                 ev.check_model(model)
-        common = dict(spec.key_parts(), base=fingerprint(base_s), fine_tunes=[fingerprint(ft) for ft in fts],
+        common = dict(spec.key_parts(), preset=mm.preset, base=fingerprint(base_s),
+                      fine_tunes=[fingerprint(ft) for ft in fts],
                       evaluators=[getattr(ev, "fingerprint", getattr(ev, "__qualname__", repr(ev))) for ev in evs])
         keys = [point_key(dict(common, method=s.name, params=s.params, rate=r, lam=lam, seed=sd))
                 for s, r, lam, sd in points]

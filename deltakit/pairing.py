@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from deltakit.names import MODULE_KINDS, is_head, layer_index, module_kind
+from deltakit.names import MODULE_KINDS, is_buffer, is_head, layer_index, module_kind
 from deltakit.refs import Snapshot
 from deltakit.tensors import TensorReader
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "Preset", "prunable_selector", "TensorPair", "Pairing", "PairingError", "pair_models",
+__all__ = ["DEFAULT_PRESET", "PRESETS", "Preset", "is_causal_lm", "resolve_preset", "prunable_selector", "TensorPair",
+           "Pairing", "PairingError", "pair_models",
            "module_kind", "layer_index", "MODULE_KINDS"]
 
 
@@ -43,15 +44,16 @@ class PairingError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """A named prunable set: a tensor is prunable iff it matches some ``include`` (or include is empty), no
-    ``exclude`` regex (``re.fullmatch`` on the fine-tune's tensor name), and is not the output head unless
-    ``heads`` (:func:`deltakit.names.is_head`)."""
+    """A named prunable set: a tensor is prunable iff its module kind is one of ``kinds`` (or kinds is empty), it
+    matches some ``include`` (or include is empty), no ``exclude`` regex (``re.fullmatch`` on the fine-tune's tensor
+    name), and is not the output head unless ``heads`` (:func:`deltakit.names.is_head`)."""
 
     name: str
     description: str
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     heads: bool = True
+    kinds: tuple[str, ...] = ()
 
 
 PRESETS: dict[str, Preset] = {
@@ -60,13 +62,14 @@ PRESETS: dict[str, Preset] = {
         Preset("mergelm_encoder", "MergeLM encoders: every parameter except the classifier head", heads=False),
         Preset("mergelm_decoder", "MergeLM decoders: every parameter, embeddings and lm_head included"),
         Preset("darex_encoder", "DAREx encoders: same as mergelm_encoder", heads=False),
-        Preset("darex_decoder", "DAREx decoders: attention and MLP only; embeddings, norms, lm_head keep "
-               "fine-tuned values", include=(r".*(mlp|self_attn).*",)),
+        Preset("darex_decoder", "DAREx decoders: attention and MLP weights and biases only; embeddings, norms, "
+               "lm_head keep fine-tuned values",
+               kinds=("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_o", "ffn_in", "ffn_out")),
     )
 }
 
-#: The preset used when none is named (encoders, as in MergeLM).
-DEFAULT_PRESET = "mergelm_encoder"
+#: The preset used when none is named: ``auto`` resolves per fine-tune (:func:`resolve_preset`).
+DEFAULT_PRESET = "auto"
 _VOCAB_KINDS = ("embedding", "head")  # kinds whose dim 0 may be vocabulary rows (``shared_rows``)
 
 
@@ -104,9 +107,11 @@ class Pairing:
         pairs: the paired float tensors, in the fine-tune's order.
         unpaired: fine-tune float tensors with no base counterpart (e.g. a new head); never pruned.
         base_only: base float tensors absent from the fine-tune.
-        skipped: non-float tensors (buffers such as ``position_ids``), ignored.
+        skipped: non-float tensors (buffers such as ``position_ids``) and float buffers (``rotary_emb.inv_freq``,
+            GPT-2's ``attn.bias``), ignored.
         base_prefix / ft_prefix: the name prefixes stripped to match.
         warnings: human-readable notes (card mismatch, shared rows).
+        preset: the preset that chose the prunable tensors (``auto`` resolved, :func:`resolve_preset`).
     """
 
     pairs: tuple[TensorPair, ...]
@@ -116,6 +121,7 @@ class Pairing:
     base_prefix: str
     ft_prefix: str
     warnings: tuple[str, ...] = field(default=())
+    preset: str = DEFAULT_PRESET
 
     def prunable(self) -> list[TensorPair]:
         return [p for p in self.pairs if p.prunable]
@@ -165,6 +171,19 @@ def _best_prefixes(base_names: list[str], ft_names: list[str]) -> tuple[str, str
     return best[1], best[2], best[3]
 
 
+def is_causal_lm(snapshot: Snapshot) -> bool:
+    """Whether a checkpoint is a decoder LM (its config names a ``*ForCausalLM`` or ``*LMHeadModel`` class)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in snapshot.config.get("architectures") or ())
+
+
+def resolve_preset(preset: str, fine_tune: Snapshot) -> str:
+    """The preset ``auto`` stands for: ``darex_decoder`` for a decoder LM fine-tune (as the DAREx paper prunes
+    decoders), else ``mergelm_encoder`` (MergeLM's encoders: all but the head). Other names are returned as given."""
+    if preset != "auto":
+        return preset
+    return "darex_decoder" if is_causal_lm(fine_tune) else "mergelm_encoder"
+
+
 def prunable_selector(preset: str, include: Sequence[str] | None = None,
                       exclude: Sequence[str] | None = None) -> Callable[[str], bool]:
     """The prunable-set predicate of a preset refined by include/exclude regexes (``re.fullmatch`` on names).
@@ -172,8 +191,11 @@ def prunable_selector(preset: str, include: Sequence[str] | None = None,
     Raises:
         KeyError: unknown preset (the message lists them). ValueError: a regex that does not compile.
     """
+    if preset == "auto":  # resolved per fine-tune by pair_models; here: checking names and regexes only
+        preset = "mergelm_encoder"
     if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}. Or pass include/exclude regexes.")
+        raise KeyError(f"unknown preset {preset!r}; available: {['auto', *sorted(PRESETS)]}. Or pass include/exclude "
+                       "regexes.")
     p = PRESETS[preset]
     try:
         inc = [re.compile(r) for r in (*p.include, *(include or ()))]
@@ -184,6 +206,8 @@ def prunable_selector(preset: str, include: Sequence[str] | None = None,
 
     def prunable(name: str) -> bool:
         if (inc and not any(r.fullmatch(name) for r in inc)) or (not p.heads and is_head(name)):
+            return False
+        if p.kinds and module_kind(name) not in p.kinds:
             return False
         return not any(r.fullmatch(name) for r in exc)
 
@@ -242,7 +266,7 @@ def pair_models(
     Args:
         base: the pre-trained snapshot.
         ft: the fine-tuned snapshot.
-        preset: the named prunable set (:data:`PRESETS`).
+        preset: the named prunable set (:data:`PRESETS`), or ``auto`` (:func:`resolve_preset`).
         include: extra regexes a tensor must fullmatch to be prunable.
         exclude: extra regexes that make a tensor not prunable.
         shared_rows: when a 2-D embedding or head tensor differs only in dim 0 (vocabulary rows), compare the
@@ -259,16 +283,17 @@ def pair_models(
         KeyError: unknown preset.
     """
     _check_architecture(base, ft)
+    preset = resolve_preset(preset, ft)
     is_prunable = prunable_selector(preset, include, exclude)
     br = base_reader or TensorReader(base.path, allow_pickle=allow_pickle)
     fr = ft_reader or TensorReader(ft.path, allow_pickle=allow_pickle)
-    base_float = [n for n in br.names() if br.info(n).is_float]
+    base_float = [n for n in br.names() if br.info(n).is_float and not is_buffer(n)]
     ft_names = fr.names()
-    skipped = tuple(n for n in ft_names if not fr.info(n).is_float)
-    ft_float = [n for n in ft_names if fr.info(n).is_float]
+    skipped = tuple(n for n in ft_names if not fr.info(n).is_float or is_buffer(n))
+    ft_float = [n for n in ft_names if fr.info(n).is_float and not is_buffer(n)]
     bp, fp, mapping = _best_prefixes(br.names(), ft_names)
     _check_dtype_kinds(base, ft, br, fr, mapping)
-    mapping = {n: b for n, b in mapping.items() if fr.info(n).is_float}
+    mapping = {n: b for n, b in mapping.items() if fr.info(n).is_float and not is_buffer(n)}
     if not mapping:
         raise PairingError(
             f"no common tensors between base {base.label!r} ({len(base_float)} tensors, e.g. {base_float[:2]}) and "
@@ -308,4 +333,4 @@ def pair_models(
     unpaired = tuple(n for n in ft_float if n not in mapping)
     matched_base = set(mapping.values())
     base_only = tuple(n for n in base_float if n not in matched_base)
-    return Pairing(tuple(pairs), unpaired, base_only, skipped, bp, fp, tuple(notes))
+    return Pairing(tuple(pairs), unpaired, base_only, skipped, bp, fp, tuple(notes), preset)

@@ -11,12 +11,13 @@ import math
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from deltakit.methods import reference_methods
 from deltakit.summary import summarise
 
 __all__ = ["metric_curves", "merge_curves", "merge_table", "lambda_slice", "delta_histogram", "layer_kind_heatmap",
-           "similarity_matrix", "q_vs_rate"]
+           "similarity_matrix", "q_vs_rate", "spectral_figure"]
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 
@@ -228,4 +229,59 @@ def q_vs_rate(results: pd.DataFrame, *, title: str | None = None) -> go.Figure:
                                  line=dict(color=_PALETTE[i % 9])))
     fig.update_layout(title=title or "rescale q = 1/scale chosen per rate", xaxis_title="pruning rate",
                       yaxis_title="q", yaxis_type="log", template="plotly_white", height=380)
+    return fig
+
+
+def spectral_figure(tensors: pd.DataFrame, model: str | None = None, *, title: str | None = None) -> go.Figure:
+    """Stable rank and effective rank of one fine-tune's 2-D deltas by layer, one colour per module kind, with the
+    deltas that look like a merged LoRA (``low_rank``) ringed in red.
+
+    Args:
+        tensors: ``DeltaStats.tensors`` computed with spectral statistics (``delta_stats(..., spectral=True)``).
+        model: the fine-tune shown (default: the first in the table).
+        title: figure title.
+
+    Returns:
+        The figure: two panels sharing the layer axis (tensors outside the blocks at "outside blocks"), log y axes;
+        a kind with one tensor per layer is drawn as a line.
+
+    Raises:
+        ValueError: the table has no spectral columns, or no rows for ``model``.
+    """
+    missing = [c for c in ("stable_rank", "effective_rank", "low_rank") if c not in tensors]
+    if missing:
+        raise ValueError(f"no spectral statistics in the table (missing columns {missing}); compute them with "
+                         "delta_stats(..., spectral=True) or `deltakit stats ... --spectral`.")
+    models = list(dict.fromkeys(tensors["model"]))
+    model = models[0] if model is None and models else model
+    if model not in models:
+        raise ValueError(f"no tensors for model {model!r}; models: {sorted(models)}")
+    sub = tensors[(tensors["model"] == model) & tensors["stable_rank"].notna()]
+    panels = (("stable_rank", "stable rank ||dW||_F^2 / s_max^2"),
+              ("effective_rank", "effective rank (Roy & Vetterli)"))
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                        subplot_titles=[t for _, t in panels])
+    colours = [c for c in _PALETTE if c != "#d62728"]  # red is the low-rank highlight
+    for i, (kind, g) in enumerate(sub.groupby("kind", sort=True)):
+        g = g.sort_values("layer")
+        mode = "lines+markers" if g["layer"].is_unique else "markers"
+        for row, (col, _) in enumerate(panels, start=1):
+            fig.add_trace(go.Scatter(x=g["layer"], y=g[col], mode=mode, name=kind, legendgroup=kind,
+                                     showlegend=row == 1, text=g["tensor"], line=dict(color=colours[i % len(colours)]),
+                                     hovertemplate=f"%{{text}}<br>{col} %{{y:.3g}}<extra>{kind}</extra>"),
+                          row=row, col=1)
+    low = sub[sub["low_rank"].fillna(False).astype(bool)]
+    for row, (col, _) in enumerate(panels, start=1):
+        fig.add_trace(go.Scatter(x=low["layer"], y=low[col], mode="markers", legendgroup="low_rank",
+                                 name=f"low rank (merged-LoRA-like): {len(low)}", showlegend=row == 1,
+                                 text=low["tensor"],
+                                 marker=dict(symbol="circle-open", size=15, color="#d62728", line=dict(width=2)),
+                                 hovertemplate=f"%{{text}}<br>{col} %{{y:.3g}}<extra>low rank</extra>"),
+                      row=row, col=1)
+    layers = sorted(int(x) for x in sub["layer"].unique())
+    fig.update_xaxes(tickvals=layers, ticktext=["outside blocks" if x < 0 else str(x) for x in layers])
+    fig.update_xaxes(title_text="layer", row=2, col=1)
+    fig.update_yaxes(type="log")
+    fig.update_layout(title=title or f"spectral statistics of the deltas by layer: {model}", template="plotly_white",
+                      height=560, legend=dict(orientation="h", y=-0.15))
     return fig

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 
 from deltakit import masks
-from deltakit.pairing import DEFAULT_PRESET, pair_models
+from deltakit.names import is_head
+from deltakit.pairing import DEFAULT_PRESET, is_causal_lm, pair_models
 from deltakit.prune import apply_method, check_finite_delta
 from deltakit.refs import Snapshot, SourceError
 from deltakit.tensors import TensorReader
 
-__all__ = ["ResidentModel", "load_classifier", "load_tokenizer", "refuse_remote_code"]
+__all__ = ["ResidentModel", "load_model", "load_tokenizer", "refuse_remote_code"]
 
 
 @dataclass
@@ -61,18 +62,24 @@ def refuse_remote_code(snapshot: Snapshot) -> None:
     )
 
 
-def load_classifier(snapshot: Snapshot) -> torch.nn.Module:
-    """Load a sequence classifier from a snapshot, safely: built-in architectures only, every weight present.
+def load_model(snapshot: Snapshot) -> torch.nn.Module:
+    """Load a fine-tune safely: built-in architectures only, every weight present.
+
+    A decoder LM (:func:`deltakit.pairing.is_causal_lm`: its config names a ``*ForCausalLM`` / ``*LMHeadModel``)
+    loads as ``AutoModelForCausalLM`` in the checkpoint's dtype (bf16 stays bf16); anything else as a sequence
+    classifier. A tied ``lm_head`` absent from the checkpoint is not missing: it is the embedding.
 
     Raises:
         SourceError: the architecture needs the repository's code (:func:`refuse_remote_code`), or the checkpoint
             lacks weights the architecture needs (transformers would initialise them randomly).
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     refuse_remote_code(snapshot)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        snapshot.path, trust_remote_code=False, output_loading_info=True)
+    causal = is_causal_lm(snapshot)
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    model, info = auto.from_pretrained(snapshot.path, trust_remote_code=False, output_loading_info=True,
+                                       **({"dtype": "auto"} if causal else {}))
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise SourceError(
@@ -116,7 +123,7 @@ class ResidentModel:
         shared_rows: when the vocabularies differ, prune the rows both have; the fine-tune's extra rows keep their
             fine-tuned values (their delta is zero).
         device: where the model lives.
-        model_loader: ``path -> nn.Module``; defaults to :func:`load_classifier` (never runs a checkpoint's code).
+        model_loader: ``path -> nn.Module``; defaults to :func:`load_model` (never runs a checkpoint's code).
         cache_uniforms: keep each seed's uniform numbers per tensor (CPU; ~4 bytes per prunable parameter per seed).
 
     Raises:
@@ -141,15 +148,20 @@ class ResidentModel:
                 f"exclude={list(exclude or [])} selects none of the {len(self.pairing.pairs)} paired tensors of "
                 f"{fine_tune.label!r}, so every point would equal the fine-tune. Loosen --exclude / --include."
             )
-        self.model = (model_loader(fine_tune.path) if model_loader else load_classifier(fine_tune)).to(self.device)
+        self.model = (model_loader(fine_tune.path) if model_loader else load_model(fine_tune)).to(self.device)
         self.model.eval()
         self.tokenizer = load_tokenizer(fine_tune)
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters(remove_duplicate=False))
         self.targets: list[_Target] = []
-        for pair in self.pairing.prunable():
+        self.tied: list[str] = []  # prunable names that are another target's parameter (a tied lm_head)
+        # Heads last: a tied lm_head stored beside its embedding is the embedding's parameter, keyed by its name.
+        for pair in sorted(self.pairing.prunable(), key=lambda p: is_head(p.name)):
             param = params.get(pair.name)
             if param is None:
                 raise ValueError(f"checkpoint tensor {pair.name!r} is not a parameter of the loaded model; exclude it.")
+            if any(t.param is param for t in self.targets):  # written once, with the first name's mask
+                self.tied.append(pair.name)
+                continue
             base_t = base_reader.read(pair.base_name).to(self.device, param.dtype)
             ft_t = param.detach().clone()
             if pair.rows is not None:  # rows only the fine-tune has get a zero delta: they keep fine-tuned values

@@ -13,6 +13,11 @@ Quantiles of |delta| (p50/p90/p99) come from a log-spaced histogram with 100 bin
 value is the bin's geometric centre, so it is within 1.2% (relative) of the exact quantile for |delta| >= 1e-10.
 The threshold fractions are exact counts. Moments are accumulated in fp64 over finite entries; NaN/Inf entries
 are counted (column ``nonfinite``) and excluded, never fatal.
+
+With ``spectral=True`` every 2-D delta also gets the spectral statistics of :mod:`deltakit.spectral` (stable and
+effective rank, top-k energy, rank at 90% / 99% of the energy, whether it looks like a merged LoRA), computed from
+the delta already in memory; they are per-tensor quantities, so the module-kind rollup reports their plain means over
+tensors and a count of low-rank tensors.
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ from deltakit.partials import (
     THRESHOLDS,
     Partials,
     hist_edges,
+    partials_fast,
     partials_torch,
 )
 from deltakit.sources import Snapshot, resolve
+from deltakit.spectral import SPECTRAL_COLUMNS, spectral_stats
 from deltakit.tensors import TensorReader
 
 __all__ = ["Partials", "partials_torch", "DeltaStats", "delta_stats", "THRESHOLDS", "HIST_LOG10_LO",
@@ -51,7 +58,7 @@ __all__ = ["Partials", "partials_torch", "DeltaStats", "delta_stats", "THRESHOLD
 def _partials(base: torch.Tensor, ft: torch.Tensor) -> Partials:
     if resolve_backend("auto", base.device) == "triton":
         return partials_triton(base, ft)
-    return partials_torch(base, ft)
+    return partials_fast(base, ft) if base.device.type == "cpu" else partials_torch(base, ft)
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,12 @@ class DeltaStats:
             the top-k |delta| sets (|A and B| / k, k = ceil(topk * numel) per tensor).
         histograms: long format (model, kind, bin_lo, bin_hi, count), nonzero bins only; kind "all" is global.
         pairing: one row per (model, tensor) of the pre-flight (paired / unpaired / skipped, prunable).
-        meta: base and fine-tune references and commits, preset, thresholds.
+        meta: base and fine-tune references and commits, preset, thresholds, ``spectral`` and ``spectral_k``.
+
+    With spectral statistics (``delta_stats(..., spectral=True)``), ``tensors`` has the columns of
+    :data:`deltakit.spectral.SPECTRAL_COLUMNS` (NaN / <NA> for tensors that are not 2-D; ``low_rank`` and
+    ``spectral_exact`` are nullable booleans) and ``kinds`` has ``mean_stable_rank``, ``mean_effective_rank`` (plain
+    means over the kind's 2-D tensors) and ``n_low_rank``.
     """
 
     tensors: pd.DataFrame
@@ -164,6 +176,12 @@ class DeltaStats:
         lines.append("by module kind (mean |d|):")
         piv = self.kinds.pivot(index="kind", columns="model", values="mean_abs")
         lines.append(piv.to_string(float_format=lambda x: f"{x:.3g}"))
+        if self.meta.get("spectral") and "low_rank" in self.tensors:
+            matrices = self.tensors[self.tensors["spectral_exact"].notna()]  # the 2-D tensors
+            counts = ", ".join(f"{m} {int(g['low_rank'].fillna(False).sum())} of {len(g)} 2-D tensors"
+                               for m, g in matrices.groupby("model", sort=False))
+            lines.append(f"low-rank deltas (look like a merged LoRA: rank_99 <= {self.meta['spectral_k']} and "
+                         f"<= min(m, n)/8): {counts or 'no 2-D tensors'}")
         sim = self.similarity[self.similarity["tensor"] == "__global__"]
         if len(sim):
             lines.append("across fine-tunes (global):")
@@ -203,6 +221,8 @@ def delta_stats(
     allow_pickle: bool = False,
     progress: bool = True,
     on_progress: Callable[[int, int, str], None] | None = None,
+    spectral: bool = False,
+    spectral_k: int = 64,
 ) -> DeltaStats:
     """Compute delta statistics of one base and one or more fine-tunes, streaming one tensor at a time.
 
@@ -221,18 +241,23 @@ def delta_stats(
             advanced after each tensor read; its postfix names the model and tensor just read.
         on_progress: called after each tensor read with (bytes read so far, bytes to read in all,
             ``"MODEL: TENSOR"``), for progress displays other than the bar (widgets).
+        spectral: also compute the spectral statistics of every 2-D delta (:func:`deltakit.spectral.spectral_stats`,
+            on ``device``, from the delta in memory: no second read).
+        spectral_k: the k of the spectral statistics (top-k energy, randomized SVD, low-rank rule).
 
     Returns:
         The statistics.
 
     Raises:
-        ValueError: no fine-tunes, or topk outside (0, 1].
+        ValueError: no fine-tunes, topk outside (0, 1], or spectral_k < 1.
         deltakit.sources.SourceError / deltakit.pairing.PairingError: unresolvable or non-homologous models.
     """
     if not fine_tunes:
         raise ValueError("no fine-tunes given: pass at least one fine-tuned model to compare with the base.")
     if not 0 < topk <= 1:
         raise ValueError(f"topk={topk} must be in (0, 1] (a fraction of each tensor's entries).")
+    if spectral and (isinstance(spectral_k, bool) or not isinstance(spectral_k, int) or spectral_k < 1):
+        raise ValueError(f"spectral_k={spectral_k!r} must be an integer >= 1 (the number of top singular values).")
     base_snap = base if isinstance(base, Snapshot) else resolve(base, allow_pickle=allow_pickle)
     ft_snaps = [f if isinstance(f, Snapshot) else resolve(f, allow_pickle=allow_pickle) for f in fine_tunes]
     labels = _labels(ft_snaps)
@@ -288,14 +313,22 @@ def delta_stats(
                 if p.rows is not None:
                     b, ft_t = base_t[: p.rows], ft_t[: p.rows]
                 part = _partials(b, ft_t)
+                delta = ft_t.to(torch.float32) - b.to(torch.float32) if len(entries) > 1 or spectral else None
+                spec = {}
+                if spectral:
+                    spec = dict.fromkeys(SPECTRAL_COLUMNS, math.nan)
+                    if delta.ndim == 2:
+                        spec = spectral_stats(delta, k=spectral_k)
                 rows.append(dict(model=labels[i], tensor=p.name, base_tensor=base_name, kind=p.kind,
-                                 layer=-1 if p.layer is None else p.layer, prunable=p.prunable, **part.summary()))
+                                 layer=-1 if p.layer is None else p.layer, prunable=p.prunable, **part.summary(),
+                                 **spec))
                 for key in ((labels[i], "layer", -1 if p.layer is None else p.layer), (labels[i], "kind", p.kind),
                             (labels[i], "all", "all")):
                     parts[key] = parts.get(key, Partials()) + part
                     n_tensors[key] = n_tensors.get(key, 0) + 1
                 if len(entries) > 1:
-                    deltas[i] = ft_t.to(torch.float32) - b.to(torch.float32)
+                    deltas[i] = delta
+                del delta
             for (i, da), (j, db) in itertools.combinations(sorted(deltas.items()), 2):
                 ps = _pair_stats(da, db, topk)
                 sims[(i, j)] = sims[(i, j)] + ps if (i, j) in sims else ps
@@ -325,10 +358,22 @@ def delta_stats(
         base=base_snap.ref, base_commit=base_snap.commit, fine_tunes=[s.ref for s in ft_snaps], labels=labels,
         fine_tune_commits=[s.commit for s in ft_snaps], preset=preset, include=list(include or []),
         exclude=list(exclude or []), shared_rows=shared_rows, topk=topk, thresholds=list(THRESHOLDS),
-        warnings=[w for p in pairings for w in p.warnings],
+        warnings=[w for p in pairings for w in p.warnings], spectral=spectral, spectral_k=spectral_k,
     )
     layers = rollup("layer", "layer").sort_values(["model", "layer"], ignore_index=True)
     kinds = rollup("kind", "kind").sort_values(["model", "kind"], ignore_index=True)
+    tensors = pd.DataFrame(rows)
+    if spectral and len(tensors):
+        tensors = tensors.astype({"low_rank": "boolean", "spectral_exact": "boolean"})
+        kinds = kinds.merge(_spectral_rollup(tensors), on=["model", "kind"], how="left")
+        kinds["n_low_rank"] = kinds["n_low_rank"].fillna(0).astype(int)
     sim_df = pd.DataFrame(sim_rows, columns=["model_a", "model_b", "tensor", "cosine", "sign_agreement",
                                              "topk_overlap"])
-    return DeltaStats(pd.DataFrame(rows), layers, kinds, rollup("all", ""), sim_df, hist_df, pairing_df, meta)
+    return DeltaStats(tensors, layers, kinds, rollup("all", ""), sim_df, hist_df, pairing_df, meta)
+
+
+def _spectral_rollup(tensors: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, kind): plain means over tensors of stable and effective rank, and the count of low-rank tensors."""
+    return tensors.groupby(["model", "kind"], sort=False).agg(
+        mean_stable_rank=("stable_rank", "mean"), mean_effective_rank=("effective_rank", "mean"),
+        n_low_rank=("low_rank", lambda s: int(s.fillna(False).sum()))).reset_index()

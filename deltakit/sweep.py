@@ -99,16 +99,25 @@ def default_evaluator(fine_tune: Snapshot, tokenizer, *, task: str | None, split
                       batch_size: int = 64, max_length: int = 128):
     """The evaluator for a fine-tune: its own family task data, or ``task`` (see :func:`deltakit.evaluate.load_split`).
 
-    Inputs are truncated to ``max_length`` tokens, or to the model's ``max_position_embeddings`` if smaller.
+    A classifier is scored by :class:`~deltakit.evaluate.ClassificationEvaluator`, inputs truncated to
+    ``max_length`` tokens (or the model's ``max_position_embeddings`` if smaller). A decoder LM
+    (:func:`deltakit.pairing.is_causal_lm`) is scored by its family task's :class:`~deltakit.lm_eval.LMTask`
+    (a ``family:`` task) or by the task :func:`deltakit.lm_eval.infer_lm_task` reads from the data's columns
+    (``choices``: multiple choice; ``answer``: generation; ``text``: perplexity).
     """
-    max_length = min(max_length, int(fine_tune.config.get("max_position_embeddings", max_length)))
     from deltakit.evaluate import GLUE_TASKS, ClassificationEvaluator, load_split
+    from deltakit.pairing import is_causal_lm
 
     source = task or (fine_tune.ref if fine_tune.kind == "family" else None)
     if source is None:
         raise ValueError(f"no evaluation task for {fine_tune.ref!r}: pass task= (e.g. 'glue/sst2', a dataset id, or a "
                          "parquet file) or an evaluator callable.")
     ds = load_split(source, split, limit=limit)
+    if is_causal_lm(fine_tune):
+        ev = _lm_task(source, ds).evaluator(ds, tokenizer, batch_size=32)
+        ev.fingerprint = f"{source}:{split}:{limit}:{getattr(ds, '_fingerprint', len(ds))}:{ev.fingerprint}"
+        return ev
+    max_length = min(max_length, int(fine_tune.config.get("max_position_embeddings", max_length)))
     if source.startswith("glue/"):
         g = GLUE_TASKS[source[5:]]
         ev = ClassificationEvaluator(ds, tokenizer, text_column=g.text, text_pair_column=g.text_pair,
@@ -118,6 +127,22 @@ def default_evaluator(fine_tune: Snapshot, tokenizer, *, task: str | None, split
         ev = ClassificationEvaluator(ds, tokenizer, batch_size=batch_size, max_length=max_length)
     ev.fingerprint = f"{source}:{split}:{limit}:{getattr(ds, '_fingerprint', len(ds))}:{max_length}"
     return ev
+
+
+def _lm_task(source: str, ds):
+    """The LM task scoring ``source``: a decoder family member's own, else the one the columns call for."""
+    from deltakit.families import get_family
+    from deltakit.lm_eval import infer_lm_task
+    from deltakit.sources import FAMILY_PREFIX, ModelRef
+
+    if source.startswith(FAMILY_PREFIX):
+        ref = ModelRef.parse(source)
+        family = get_family(ref.family)
+        if family.model_kind == "causal_lm":
+            from deltakit.families.lm import lm_task
+
+            return lm_task(family.task_of(ref.member)).evaluation
+    return infer_lm_task(ds)
 
 
 def _train_texts(fine_tune: Snapshot, task: str | None, n: int = 64) -> list[str]:
@@ -227,7 +252,8 @@ def sweep(
             (lambda: list(calibration_texts)) if calibration_texts is not None else
             (lambda: _train_texts(ft_s, spec.task)),
         )
-        common = dict(spec.key_parts(), base=fingerprint(base_s), fine_tune=fingerprint(ft_s),
+        common = dict(spec.key_parts(), preset=rm.pairing.preset, base=fingerprint(base_s),
+                      fine_tune=fingerprint(ft_s),
                       evaluator=getattr(ev, "fingerprint", getattr(ev, "__qualname__", repr(ev))))
         labels = dict(base=base_s.ref, fine_tune=ft_s.ref)
         keys = [point_key(dict(common, method=s.name, params=s.params, rate=r, seed=sd)) for s, r, sd in points]

@@ -15,7 +15,12 @@ Writes ``reports/fidelity.md`` (the table, with seeds and 95% intervals, and a p
 (f) Merging: DARE before task arithmetic / TIES keeps each task's accuracy better than TA / TIES alone (merging
     ``sentiment3`` with ``topic``, a BBC-news topic classifier on the same base; each task keeps its own head).
 
-``--only merge`` measures (f) alone and replaces that section of an existing ``fidelity.md``.
+(g) Decoders (the ``smollm2`` family: SmolLM2-135M-Instruct fine-tuned on arithmetic word problems, scored by
+    greedy generation and exact match): DARE holds to about 90% on the SFT-sized member (``arith``), fails earlier on
+    the hot one (``arith-hot``, a 25x larger learning rate), and DAREx-q recovers it.
+
+``--only merge`` / ``--only decoder`` measures (f) / (g) alone and replaces that section of an existing
+``fidelity.md``.
 """
 
 from __future__ import annotations
@@ -57,18 +62,22 @@ def main() -> None:
     parser.add_argument("--search-limit", type=int, default=200, help="validation examples per q-search step")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--family", default=FAMILY, help="tiny: a quick smoke run of the script itself")
-    parser.add_argument("--only", choices=["merge"], help="measure section (f) alone; the others stay as they are")
+    parser.add_argument("--only", choices=["merge", "decoder"],
+                        help="measure section (f) or (g) alone; the others stay as they are")
+    parser.add_argument("--decoder-family", default="smollm2", help="tiny-llm: a quick smoke run of section (g)")
+    parser.add_argument("--decoder-limit", type=int, default=200, help="test problems per decoder evaluation")
     args = parser.parse_args()
     FAMILY = args.family
     base = _member("base")
     out = Path(args.out)
     runs = out / ".fidelity-runs"
     t0 = time.perf_counter()
-    if args.only == "merge":
+    if args.only:
+        heading, section = {"merge": (MERGE_HEADING, merge_section), "decoder": (DECODER_HEADING, decoder_section)}[
+            args.only]
+        lines = section(args, runs)
         report = out / "fidelity.md"
-        kept = report.read_text().split(MERGE_HEADING)[0].rstrip("\n") if report.exists() else ""
-        lines = merge_section(args, runs)
-        report.write_text(kept + "\n\n" + "\n".join(lines) + "\n")
+        report.write_text(_replace_section(report.read_text() if report.exists() else "", heading, lines))
         print("\n".join(lines))
         return
     members = ["sentiment3", "polarity", "sentiment3-hot"] + (["sentiment3-adamr"] if _has_member("sentiment3-adamr") else [])
@@ -201,6 +210,7 @@ def main() -> None:
     else:
         lines += ["## (e) AdamR member", "", "Not measured: the family has no `sentiment3-adamr` member.", ""]
     lines += merge_section(args, runs)
+    lines += decoder_section(args, runs)
     (out / "fidelity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -282,6 +292,96 @@ def merge_section(args: argparse.Namespace, runs: Path) -> list[str]:
     holds = summary["worse"].sum() <= 1 and summary["mean_diff"].min() > -0.01
     lines += ["", f"Verdict: {'holds' if holds else 'does not hold'} on this pair (DARE before merging keeps each "
               "task's accuracy at least as well as the plain merge): " + "; ".join(parts) + ".", ""]
+    return lines
+
+
+def _replace_section(report: str, heading: str, lines: list[str]) -> str:
+    """``report`` with the section that starts with ``heading`` (up to the next ``## (`` heading) replaced by
+    ``lines``, or with ``lines`` appended when it has no such section."""
+    before, found, rest = report.partition(heading)
+    after = rest[rest.find("\n## (") + 1:] if found and "\n## (" in rest else ""
+    parts = [before.rstrip("\n"), "\n".join(lines).rstrip("\n"), after.rstrip("\n")]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+DECODER_HEADING = "## (g) Decoders"
+DECODER_RATES = [0.5, 0.7, 0.9, 0.95, 0.99]
+
+
+def decoder_section(args: argparse.Namespace, runs: Path) -> list[str]:
+    """Section (g): DARE, DAREx-q (labelled search) and magnitude on the decoder family's arithmetic members."""
+    t0 = time.perf_counter()
+    family = args.decoder_family
+
+    def member(name: str) -> str:
+        return f"family:{family}/{name}"
+
+    stats = delta_stats(member("base"), [member("arith"), member("arith-hot")], progress=True)
+    ov = stats.overall.assign(model=stats.overall["model"].str.removeprefix(f"{family}/")).set_index("model")
+    curves, frames = {}, []
+    for name in ("arith", "arith-hot"):
+        spec = SweepSpec(member("base"), member(name), methods=["dare", "darex_q_labelled", "magnitude"],
+                         rates=DECODER_RATES, seeds=args.seeds, eval_limit=args.decoder_limit,
+                         search_limit=min(args.search_limit, 100))
+        df = sweep(spec, RunOptions(out=runs / f"{family}-{name}")).assign(member=name)
+        frames.append(df)
+        curves[name] = summarise(df, "exact_match")
+    results = pd.concat(frames, ignore_index=True)
+    results.assign(params=results["params"].astype(str)).to_parquet(
+        runs.parent / "fidelity-decoder-results.parquet", index=False)
+    per_point = results.drop_duplicates("key")
+    computed = float(per_point["prep_seconds"].fillna(0).sum() + per_point["eval_seconds"].fillna(0).sum())
+
+    def em(name: str, label: str, rate: float) -> pd.Series:
+        c = curves[name]
+        return c[(c["label"] == label) & (c["rate"] == rate)].iloc[0]
+
+    def ref(name: str, which: str) -> float:
+        return float(curves[name][curves[name]["method"] == which]["mean"].iloc[0])
+
+    lr = {m: get_family(family).finetune(m).recipe.learning_rate for m in ("arith", "arith-hot")}
+    lines = [f"{DECODER_HEADING}: DARE on an SFT-sized and a hot fine-tune of a real decoder ({family})", "",
+             f"Measured by `python reports/fidelity.py --only decoder --seeds {' '.join(map(str, args.seeds))}` on "
+             f"{_machine()}; this invocation took {time.perf_counter() - t0:.0f} s (stored points are reused; the "
+             f"points' own compute time, q searches and generation, is {computed:.0f} s). Members: full fine-tunes "
+             f"of the family's base on one-step arithmetic word problems at learning rate {lr['arith']:g} (`arith`) "
+             f"and {lr['arith-hot']:g} (`arith-hot`). Metric: exact match of the first integer of a greedy generation "
+             f"(at most 5 new tokens, stopped at a newline) on a fixed seeded subset of {args.decoder_limit} test "
+             "problems; attention and MLP weights are pruned (preset darex_decoder: embeddings, norms and the tied "
+             f"head keep their fine-tuned values); DAREx-q's q is searched on {min(args.search_limit, 100)} "
+             "validation problems. Values are mean ± half-width of the Student-t 95% interval over mask seeds "
+             f"{args.seeds} (magnitude is deterministic: one run).", "",
+             "| member | mean abs delta | fraction below 0.005 | fine-tune | base |", "|---|---|---|---|---|"]
+    for name in ("arith", "arith-hot"):
+        r = ov.loc[name]
+        lines.append(f"| {name} | {r['mean_abs']:.2e} | {r['frac_below_0.005']:.4f} | {ref(name, 'finetuned'):.3f} "
+                     f"| {ref(name, 'base'):.3f} |")
+    lines += ["", "| member | rate | DARE | DAREx-q labelled | q | magnitude |", "|---|---|---|---|---|---|"]
+    for name in ("arith", "arith-hot"):
+        res = results[(results["member"] == name) & (results["metric"] == "exact_match")]
+        for rate in DECODER_RATES:
+            q = res[(res["label"] == "darex_q_labelled") & (res["rate"] == rate)]["q"].mean()
+            lines.append(f"| {name} | {rate} | {_fmt(em(name, 'dare', rate))} | "
+                         f"{_fmt(em(name, 'darex_q_labelled', rate))} | {q:.3f} | {_fmt(em(name, 'magnitude', rate))} |")
+
+    def first_drop(name: str) -> float | None:
+        """The first rate at which DARE keeps less than 90% of the fine-tune's exact match (None: none)."""
+        return next((r for r in DECODER_RATES if em(name, "dare", r)["mean"] < 0.9 * ref(name, "finetuned")), None)
+
+    drops = {name: first_drop(name) for name in ("arith", "arith-hot")}
+    holds_90 = drops["arith"] is None or drops["arith"] > 0.9
+    earlier = drops["arith-hot"] is not None and (drops["arith"] is None or drops["arith-hot"] < drops["arith"])
+    recovered = [f"{name} at {rate} ({em(name, 'dare', rate)['mean']:.3f} -> "
+                 f"{em(name, 'darex_q_labelled', rate)['mean']:.3f})"
+                 for name in ("arith", "arith-hot") for rate in DECODER_RATES
+                 if em(name, "darex_q_labelled", rate)["lo"] > em(name, "dare", rate)["hi"]
+                 and em(name, "darex_q_labelled", rate)["mean"] > em(name, "dare", rate)["mean"] + 0.02]
+    lines += ["", "Verdicts (DARE 'holds' at a rate while it keeps at least 90% of its fine-tune's exact match): "
+              f"on the SFT-sized member DARE first falls below that at rate {drops['arith']} -- "
+              f"{'holds to 90%' if holds_90 else 'does not hold to 90%'}; on the hot member at rate "
+              f"{drops['arith-hot']} -- {'fails earlier' if earlier else 'does not fail earlier'}. DAREx-q beats DARE "
+              "by more than 0.02 with separated 95% intervals at: " + (", ".join(recovered) if recovered else
+                                                                       "none of these points") + ".", ""]
     return lines
 
 

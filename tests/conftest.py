@@ -143,6 +143,22 @@ def tiny(tiny_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tiny_home / "families" / "tiny"
 
 
+@pytest.fixture(scope="session")
+def tiny_llm_home(tiny_home: Path) -> Path:
+    """``tiny_home`` with the decoder family `tiny-llm` built in it too (seconds, once per session)."""
+    from deltakit.families import build_family
+
+    build_family("tiny-llm", home=tiny_home, progress=False)
+    return tiny_home
+
+
+@pytest.fixture
+def tiny_llm(tiny_llm_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """DELTAKIT_HOME points at the built tiny and tiny-llm families; returns the tiny-llm folder."""
+    monkeypatch.setenv("DELTAKIT_HOME", str(tiny_llm_home))
+    return tiny_llm_home / "families" / "tiny-llm"
+
+
 # The `fast` tier (`python -m pytest -m fast`, well under a minute on 2 cores) for the edit-test loop: pure functions
 # on synthetic tensors, no family to build, no model to download.
 _FAST = (Path(__file__).parent / "unit", Path(__file__).parent / "hostile" / "test_hostile_reader.py")

@@ -1,9 +1,9 @@
 """StatsDashboard: compute (or load) delta statistics, then browse them by fine-tune, module kind and layer.
 
 A thin shell over :func:`deltakit.stats.delta_stats`, :meth:`deltakit.stats.DeltaStats.load` / ``save`` and the
-figures of :mod:`deltakit.plots` (``delta_histogram``, ``layer_kind_heatmap``, ``similarity_matrix``). Models come
-in as snapshots (handed in, or resolved by a :class:`~deltakit.widgets.ModelPicker`) or as references, which are
-resolved once, with :func:`deltakit.sources.resolve`, when Compute runs.
+figures of :mod:`deltakit.plots` (``delta_histogram``, ``layer_kind_heatmap``, ``similarity_matrix``,
+``spectral_figure``). Models come in as snapshots (handed in, or resolved by a :class:`~deltakit.widgets.ModelPicker`)
+or as references, which are resolved once, with :func:`deltakit.sources.resolve`, when Compute runs.
 """
 
 from __future__ import annotations
@@ -28,20 +28,22 @@ __all__ = ["StatsDashboard", "TABLE_COLUMNS"]
 ALL = "all"
 #: Columns of the per-tensor table (those present in ``DeltaStats.tensors``).
 TABLE_COLUMNS = ("tensor", "kind", "layer", "numel", "mean_abs", "max_abs", "rel_norm", "frac_below_0.005",
-                 "p99_abs", "kurtosis")
+                 "p99_abs", "kurtosis", "stable_rank", "effective_rank", "low_rank")
 
 
 class StatsDashboard(w.VBox):
-    """Delta statistics of one base and its fine-tunes: a table and three figures, with selectors.
+    """Delta statistics of one base and its fine-tunes: a table and four figures, with selectors.
 
     Compute: takes each model's snapshot -- the one handed in or resolved by the picker while the field still
     spells its reference, else resolves it (one progress step each; family members are built on first use) --,
-    runs ``delta_stats`` (one more step) and, when ``stats_dir`` is set, saves the tables there. Load: reads tables
-    saved earlier (``deltakit stats ... --out DIR`` writes the same files).
+    runs ``delta_stats`` (one more step; with spectral statistics while the ``spectral`` checkbox is ticked, the
+    default) and, when ``stats_dir`` is set, saves the tables there. Load: reads tables saved earlier (``deltakit
+    stats ... --out DIR`` writes the same files).
 
-    Selectors: ``model`` (the fine-tune shown in the table and the heatmap), ``kind`` (module kind of the table
-    and the histogram; ``all`` = global) and ``layer`` (rows of the table). Figures are ``go.FigureWidget``s that
-    are redrawn in place.
+    Selectors: ``model`` (the fine-tune shown in the table, the heatmap and the spectral figure), ``kind`` (module
+    kind of the table and the histogram; ``all`` = global) and ``layer`` (rows of the table). Figures are
+    ``go.FigureWidget``s that are redrawn in place; the spectral figure says so when the statistics have no spectral
+    columns (computed without ``spectral``, or loaded from such a run).
 
     Args:
         base: the base model: a reference, or a resolved snapshot.
@@ -68,6 +70,8 @@ class StatsDashboard(w.VBox):
                                 placeholder="optional: save to / load from this folder", layout=w.Layout(width="36em"))
         self.compute_button = w.Button(description="Compute", icon="play", button_style="primary")
         self.load_button = w.Button(description="Load", icon="folder-open")
+        self.spectral = w.Checkbox(value=True, description="spectral", indent=False, layout=w.Layout(width="7em"),
+                                   tooltip="also compute stable / effective rank and merged-LoRA-like low rank")
         self.progress = w.IntProgress(value=0, min=0, max=1, description="progress")
         self.status = w.Label("")
         selector = dict(style={"description_width": "initial"}, layout=w.Layout(width="16em"))
@@ -79,6 +83,7 @@ class StatsDashboard(w.VBox):
         self.histogram = go.FigureWidget(layout=dict(height=360, title="|delta| distribution"))
         self.heatmap = go.FigureWidget(layout=dict(height=380, title="layer x module kind"))
         self.similarity = go.FigureWidget(layout=dict(height=360, title="similarity across fine-tunes"))
+        self.ranks = go.FigureWidget(layout=dict(height=360, title="spectral statistics of the deltas"))
         self.output = w.Output()
 
         if picker is not None:
@@ -92,9 +97,9 @@ class StatsDashboard(w.VBox):
 
         super().__init__([
             self.base, self.fine_tunes, self.stats_dir,
-            w.HBox([self.compute_button, self.load_button, self.progress, self.status]),
+            w.HBox([self.compute_button, self.spectral, self.load_button, self.progress, self.status]),
             self.overview, w.HBox([self.model, self.kind, self.layer]), self.table,
-            self.histogram, self.heatmap, self.similarity, self.output,
+            self.histogram, self.heatmap, self.similarity, self.ranks, self.output,
         ])
         self.add_class("deltakit-stats-dashboard")
         self.status.add_class("deltakit-status")  # stable hooks for browser tests and custom CSS
@@ -114,6 +119,7 @@ class StatsDashboard(w.VBox):
             self.status.value = "type a base and at least one fine-tune (one per line)."
             return
         out = self.stats_dir.value.strip()
+        spectral = self.spectral.value
 
         def work(cancel: threading.Event) -> None:
             self.progress.value, self.progress.max = 0, 1
@@ -127,7 +133,7 @@ class StatsDashboard(w.VBox):
                 self.progress.max, self.progress.value = total, done
                 self.status.value = f"statistics: read {current}"
 
-            stats = delta_stats(snaps[0], snaps[1:], progress=False, on_progress=on_progress)
+            stats = delta_stats(snaps[0], snaps[1:], progress=False, on_progress=on_progress, spectral=spectral)
             if out:
                 stats.save(out)
             self.show(stats)
@@ -156,7 +162,7 @@ class StatsDashboard(w.VBox):
         self.job.start(work, blocking=blocking)
 
     def show(self, stats: DeltaStats) -> None:
-        """Show ``stats``: fill the selectors, the overview, the table and the three figures."""
+        """Show ``stats``: fill the selectors, the overview, the table and the four figures."""
         self.stats = stats
         models = list(stats.overall["model"])
         kinds = sorted(stats.tensors["kind"].unique())
@@ -176,6 +182,7 @@ class StatsDashboard(w.VBox):
         self._draw_table()
         self._draw_histogram()
         self._draw_heatmap()
+        self._draw_ranks()
         if len(models) > 1:
             draw_into(self.similarity, plots.similarity_matrix(stats.similarity))
         else:
@@ -195,6 +202,7 @@ class StatsDashboard(w.VBox):
         if self._drawing and self.stats is not None:
             self._draw_table()
             self._draw_heatmap()
+            self._draw_ranks()
 
     def _on_kind(self, change: dict) -> None:
         if self._drawing and self.stats is not None:
@@ -223,6 +231,15 @@ class StatsDashboard(w.VBox):
     def _draw_heatmap(self) -> None:
         if self._drawing and self.stats is not None and self.model.value is not None:
             draw_into(self.heatmap, plots.layer_kind_heatmap(self.stats.tensors, self.model.value))
+
+    def _draw_ranks(self) -> None:
+        if not self._drawing or self.stats is None or self.model.value is None:
+            return
+        if "stable_rank" in self.stats.tensors:
+            draw_into(self.ranks, plots.spectral_figure(self.stats.tensors, self.model.value))
+        else:
+            draw_into(self.ranks, go.Figure(layout=dict(
+                height=200, title="spectral statistics: not computed (tick 'spectral', then Compute)")))
 
 
 def _table_html(frame: pd.DataFrame) -> str:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from deltakit.families import lm
 from deltakit.families.card import write_card
 from deltakit.families.data import TASKS, read_split, write_dataset
 from deltakit.families.layout import family_path, folder_fingerprint, is_built, missing, staged
@@ -52,7 +53,8 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _software() -> dict[str, Any]:
+def software() -> dict[str, Any]:
+    """The software versions and thread count a card records."""
     import torch
     import transformers
 
@@ -82,14 +84,20 @@ def _build_base(family: Family, staging: Path, data_folder: Path, progress: bool
         front["datasets"] = [family.dataset_id]
     front |= facts
     front["build_seconds"] = round(time.perf_counter() - start, 2)
-    front["software"] = _software()
+    front["software"] = software()
+    members = ", ".join(f"`{family.model_id(s.name)}`" for s in family.finetunes)
+    if family.model_kind == "causal_lm":
+        layout = (f"Its fine-tunes ({members}) are full fine-tunes of this `LlamaForCausalLM` with the same keys and "
+                  "tokenizer; the tied embedding is both the input embedding and the output head.")
+    else:
+        layout = (f"Its fine-tunes ({members}) are `BertForSequenceClassification` models whose keys sit under "
+                  "`bert.`; deltakit pairs them with these prefix-less keys and reports the new `classifier.*` head "
+                  "as unpaired.")
     body = f"""# {front['model_id']}
 
 The pre-trained base of the deltakit family `{family.name}`. {summary}
 
-Its fine-tunes ({', '.join(f'`{family.model_id(s.name)}`' for s in family.finetunes)}) are
-`BertForSequenceClassification` models whose keys sit under `bert.`; deltakit pairs them with these prefix-less keys
-and reports the new `classifier.*` head as unpaired.
+{layout}
 """
     write_card(staging, front, body)
 
@@ -154,7 +162,7 @@ def _build_finetune(
             "validation_examples": metrics["examples"],
         },
         "build_seconds": round(time.perf_counter() - start, 2),
-        "software": _software(),
+        "software": software(),
     }
     recipe = spec.recipe
     body = f"""# {front['model_id']}
@@ -169,7 +177,7 @@ on the train split of `{family.dataset_id}` (labels: {', '.join(labels)}).
 Recipe: full fine-tuning with AdamW, learning rate {recipe.learning_rate:g}, {recipe.steps} steps of batch
 {recipe.batch_size}{" grouped by length" if recipe.group_by_length else ""}, max length {recipe.max_length}, linear
 warm-up over {recipe.warmup_steps} steps then linear decay to 0, weight decay {recipe.weight_decay:g} (not on biases
-and LayerNorm), gradient clipping at {recipe.max_grad_norm:g}, seed {recipe.seed}.
+and norms), gradient clipping at {recipe.max_grad_norm:g}, seed {recipe.seed}.
 Built in {front['build_seconds']:.1f} s.
 
 ```python
@@ -229,8 +237,9 @@ def build_family(name: str, *, members: Sequence[str] | None = None, home: Path 
                 if member == family.base:
                     _build_base(family, staging, folder / DATA_FOLDER, progress)
                 else:
-                    spec = family.finetune(member)
-                    _build_finetune(family, spec, staging, folder / family.base, folder / DATA_FOLDER, progress)
+                    build_member = lm.build_finetune if family.model_kind == "causal_lm" else _build_finetune
+                    build_member(family, family.finetune(member), staging, folder / family.base, folder / DATA_FOLDER,
+                                 progress)
     return folder
 
 
@@ -306,16 +315,20 @@ def family_split(
         family: A key of :data:`deltakit.families.FAMILIES`.
         split: ``train``, ``validation`` or ``test``.
         task: a key of :data:`deltakit.families.data.TASKS`: ``sentiment3`` (3 labels, every tweet), ``polarity``
-            (2 labels, neutral tweets dropped) or ``topic`` (5 BBC News topics); a fine-tuned member's task is
-            ``get_family(family).task_of(member)`` and the ``task`` field of its card.
+            (2 labels, neutral tweets dropped) or ``topic`` (5 BBC News topics); for a decoder family a key of
+            :data:`deltakit.families.lm.LM_TASKS` (``arith``: columns ``question``, ``answer``). A fine-tuned
+            member's task is ``get_family(family).task_of(member)`` and the ``task`` field of its card.
         home: deltakit home (default :func:`deltakit.families.deltakit_home`).
         build: Write the dataset if it is missing.
 
     Returns:
-        A ``datasets.Dataset`` with columns ``text`` and ``label`` (``ClassLabel``).
+        A ``datasets.Dataset`` with columns ``text`` and ``label`` (``ClassLabel``), or ``question`` and ``answer``.
 
     Raises:
         KeyError: If the family, split or task is unknown.
         FileNotFoundError: If the dataset is not built and ``build`` is False.
     """
-    return read_split(dataset_path(family, home=home, build=build), split, task=task)
+    folder = dataset_path(family, home=home, build=build)
+    if get_family(family).model_kind == "causal_lm":
+        return lm.lm_task(task).read(folder, split)
+    return read_split(folder, split, task=task)

@@ -60,12 +60,18 @@ def folder_fingerprint(family: Family, member: str) -> str:
     if member == DATA_FOLDER:  # the corpora too: a new task's corpus rewrites the data folder (seconds), no member
         from deltakit.families.data import TASK_SPECS
 
-        return _digest(data, *sorted({TASK_SPECS[spec.task].corpus.config for spec in family.finetunes}))
+        return _digest(data, *sorted({TASK_SPECS[spec.task].corpus.config for spec in family.finetunes
+                                      if spec.task in TASK_SPECS}))
     builder = f"{family.build_base.__module__}.{family.build_base.__qualname__}"
     base = _digest(data, builder, repr(family.base_config))
     if member == family.base:
         return base
     spec = family.finetune(member)  # the summary is prose, not part of what defines the weights
+    if family.model_kind == "causal_lm":  # the prompts and the generated problems define a decoder member too
+        from deltakit.families import arith
+        from deltakit.families.lm import lm_task
+
+        return _digest(base, spec.name, repr(lm_task(spec.task)), f"arith-v{arith.VERSION}", repr(spec.recipe))
     return _digest(base, spec.name, spec.task, repr(spec.recipe))
 
 
@@ -117,7 +123,7 @@ def list_families(home: Path | None = None) -> pd.DataFrame:
 
     Returns:
         Columns ``family, member, model_id, role, built, path, base_model, task, validation_accuracy,
-        validation_macro_f1, validation_majority_baseline, validation_examples, build_seconds``; metric columns
+        validation_exact_match, validation_macro_f1, validation_majority_baseline, validation_examples, build_seconds``; metric columns
         are missing values for the base and for members not built.
     """
     rows = []
@@ -139,6 +145,7 @@ def list_families(home: Path | None = None) -> pd.DataFrame:
                     "base_model": None if member == family.base else family.model_id(family.base),
                     "task": None if member == family.base else family.finetune(member).task,
                     "validation_accuracy": metrics.get("validation_accuracy"),
+                    "validation_exact_match": metrics.get("validation_exact_match"),  # decoder generation tasks
                     "validation_macro_f1": metrics.get("validation_macro_f1"),
                     "validation_majority_baseline": metrics.get("validation_majority_baseline"),
                     "validation_examples": metrics.get("validation_examples"),

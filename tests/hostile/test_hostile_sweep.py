@@ -266,3 +266,23 @@ def test_bad_demo_request_is_refused_before_building(args, words, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("deltakit: error:") and time.perf_counter() - t0 < 10
     assert all(w.format(**fill) in err for w in words), err
+
+
+def test_decoder_task_file_without_usable_columns_names_what_each_task_needs(tiny_llm, tmp_path, capsys):
+    data = tmp_path / "glue-like.csv"
+    data.write_text("sentence,idx\nhello,0\nworld,1\n")
+    code = main(["sweep", "family:tiny-llm/base", "family:tiny-llm/arith", "--task", str(data), "--split", "test",
+                 "--rates", "0.5", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot tell the task from columns ['sentence', 'idx']" in err
+    assert "'choices'" in err and "'answer'" in err and "'text'" in err
+    assert not (tmp_path / "o" / "results.jsonl").exists() or not (tmp_path / "o" / "results.jsonl").read_text()
+
+
+def test_decoder_choice_labels_outside_the_choices_are_refused(tiny_llm, tmp_path, capsys):
+    data = tmp_path / "mc.jsonl"
+    data.write_text('{"context": "Q: 1+1?", "choices": ["2", "3"], "label": 2}\n')
+    code = main(["sweep", "family:tiny-llm/base", "family:tiny-llm/arith", "--task", str(data), "--split", "test",
+                 "--rates", "0.5", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "label 2 is outside its choices" in err

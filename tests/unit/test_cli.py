@@ -30,6 +30,17 @@ def test_stats_text_summary(pair_dirs, capsys):
     assert "mean|d|" in text and "unpaired" in text and "classifier.weight" in text
 
 
+def test_stats_spectral(pair_dirs, tmp_path, capsys):
+    b, f, *_ = pair_dirs
+    out = tmp_path / "out"
+    assert main(["stats", str(b), str(f), "--spectral", "--spectral-k", "4", "--out", str(out)]) == 0
+    assert "low-rank deltas (look like a merged LoRA: rank_99 <= 4" in capsys.readouterr().out
+    tensors = pd.read_parquet(out / "tensors.parquet")
+    assert tensors["stable_rank"].notna().any() and tensors["stable_rank"].isna().any()  # 2-D tensors only
+    assert main(["stats", str(b), str(f), "--spectral", "--spectral-k", "0"]) == 2
+    assert "spectral_k=0" in capsys.readouterr().err
+
+
 def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["stats", str(tmp_path / "nope"), str(tmp_path / "nope2")]) == 2
     err = capsys.readouterr().err

@@ -27,7 +27,11 @@ def test_presets_and_regexes_select_prunable(pair_dirs):
     base, ft = resolve(str(b)), resolve(str(f))
     assert all(x.prunable for x in pair_models(base, ft).pairs)
     dec = pair_models(base, ft, preset="darex_decoder")
-    assert not any(x.prunable for x in dec.pairs)  # BERT names have no mlp/self_attn
+    # Attention and MLP by module kind, whatever the layout: BERT's query/key/value/dense are in, embeddings and
+    # LayerNorms out.
+    assert {x.kind for x in dec.pairs if x.prunable} <= {"attn_q", "attn_k", "attn_v", "attn_o", "ffn_in", "ffn_out"}
+    assert any(x.prunable for x in dec.pairs) and not any(x.prunable for x in dec.pairs if x.kind in ("embedding",
+                                                                                                       "norm"))
     custom = pair_models(base, ft, exclude=[r".*LayerNorm.*"])
     assert {x.name for x in custom.pairs if not x.prunable} == {
         "bert.embeddings.LayerNorm.weight", "bert.encoder.layer.0.attention.output.LayerNorm.weight"}
