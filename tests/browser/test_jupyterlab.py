@@ -167,7 +167,8 @@ def test_quickstart_widgets_render_and_the_sweep_runs(lab, tmp_path):
             page.wait_for_selector(".deltakit-stats-dashboard .js-plotly-plot", timeout=60_000)
             dashboards = page.locator(".deltakit-stats-dashboard")  # one fine-tune first, then both
             assert dashboards.count() == 2
-            assert [dashboards.nth(i).locator(".js-plotly-plot").count() for i in range(2)] == [3, 3]
+            # histogram, layer x kind heatmap, similarity matrix, spectral ranks
+            assert [dashboards.nth(i).locator(".js-plotly-plot").count() for i in range(2)] == [4, 4]
             picker_status = page.locator(".deltakit-model-picker .deltakit-status").text_content()
             assert "paired tensors" in picker_status, picker_status
 

@@ -17,8 +17,8 @@ from deltakit.families import FAMILIES, build_family, family_split, member_path,
 from deltakit.families.data import TOPIC_LABELS, split_file
 
 
-def test_both_families_have_a_topic_member() -> None:
-    for family in FAMILIES.values():
+def test_both_classifier_families_have_a_topic_member() -> None:
+    for family in (f for f in FAMILIES.values() if f.model_kind == "classifier"):
         spec = family.finetune("topic")
         assert spec.task == "topic"
         assert "BBC" in spec.summary and "non-commercial research" in spec.summary
