@@ -6,8 +6,6 @@ return, so a plot can always be re-drawn from saved parquet files.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go

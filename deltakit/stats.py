@@ -356,7 +356,7 @@ def delta_stats(
     pairing_df = pd.concat([p.to_frame().assign(model=labels[i]) for i, p in enumerate(pairings)], ignore_index=True)
     meta = dict(
         base=base_snap.ref, base_commit=base_snap.commit, fine_tunes=[s.ref for s in ft_snaps], labels=labels,
-        fine_tune_commits=[s.commit for s in ft_snaps], preset=preset, include=list(include or []),
+        fine_tune_commits=[s.commit for s in ft_snaps], preset=pairings[0].preset, include=list(include or []),
         exclude=list(exclude or []), shared_rows=shared_rows, topk=topk, thresholds=list(THRESHOLDS),
         warnings=[w for p in pairings for w in p.warnings], spectral=spectral, spectral_k=spectral_k,
     )

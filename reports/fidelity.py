@@ -376,10 +376,13 @@ def decoder_section(args: argparse.Namespace, runs: Path) -> list[str]:
                  for name in ("arith", "arith-hot") for rate in DECODER_RATES
                  if em(name, "darex_q_labelled", rate)["lo"] > em(name, "dare", rate)["hi"]
                  and em(name, "darex_q_labelled", rate)["mean"] > em(name, "dare", rate)["mean"] + 0.02]
+    def at(rate: float | None) -> str:
+        return f"at rate {rate}" if rate is not None else f"at none of the rates tested (up to {DECODER_RATES[-1]})"
+
     lines += ["", "Verdicts (DARE 'holds' at a rate while it keeps at least 90% of its fine-tune's exact match): "
-              f"on the SFT-sized member DARE first falls below that at rate {drops['arith']} -- "
-              f"{'holds to 90%' if holds_90 else 'does not hold to 90%'}; on the hot member at rate "
-              f"{drops['arith-hot']} -- {'fails earlier' if earlier else 'does not fail earlier'}. DAREx-q beats DARE "
+              f"on the SFT-sized member DARE first falls below that {at(drops['arith'])} -- "
+              f"{'holds to 90%' if holds_90 else 'does not hold to 90%'}; on the hot member {at(drops['arith-hot'])} "
+              f"-- {'fails earlier' if earlier else 'does not fail earlier'}. DAREx-q beats DARE "
               "by more than 0.02 with separated 95% intervals at: " + (", ".join(recovered) if recovered else
                                                                        "none of these points") + ".", ""]
     return lines

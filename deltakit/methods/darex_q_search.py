@@ -38,11 +38,6 @@ _REFERENCE = "Deng et al. 2025, DARE the Extreme, arXiv:2410.09344"
 SEARCH_SEED = 12345
 
 
-def _decoder(ctx: PrepareContext) -> bool:
-    """Whether the resident model is a decoder LM: DAREx's fine pass then uses the decoder's lower bound."""
-    return type(ctx.model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-
-
 def _metric(scores: dict[str, float], metric: str | None) -> float:
     if metric is not None:
         if metric not in scores:
@@ -88,7 +83,7 @@ def darex_q_labelled(ctx: PrepareContext, *, rate: float, seed: int, backend: st
             ctx.apply("darex_q", rate=rate, seed=search_seed, backend=backend, q=min(q, 1.0))
             return _metric(ev(ctx.model), metric)
 
-        res = two_stage_grid_search(objective, lo=lo, hi=top, step=st, encoder=not _decoder(ctx))
+        res = two_stage_grid_search(objective, lo=lo, hi=top, step=st)
         return _global_q(min(res.best_x, 1.0), {"search_score": res.best_score, "evaluations": len(res.evaluated),
                                                 "search_seed": search_seed})
 
@@ -144,7 +139,7 @@ def darex_q_unlabelled(ctx: PrepareContext, *, rate: float, seed: int, backend: 
                 changes.append(_output_change(ctx, ref))
             return -_drop_outlier_mean(changes)
 
-        res = two_stage_grid_search(objective, lo=lo, hi=top, step=st, encoder=not _decoder(ctx))
+        res = two_stage_grid_search(objective, lo=lo, hi=top, step=st)
         return _global_q(min(res.best_x, 1.0), {"output_change": -res.best_score,
                                                 "evaluations": len(res.evaluated), "search_seeds": seeds})
 
@@ -199,7 +194,7 @@ def darex_q_analytic(ctx: PrepareContext, *, rate: float, seed: int, backend: st
             ctx.apply("darex_q", rate=rate, seed=search_seed, backend=backend, params_for=lambda n: {"q": qs[n]})
             return _metric(ev(ctx.model), metric)
 
-        res = two_stage_grid_search(objective, lo=eta_lo, hi=eta_hi, step=eta_step, encoder=not _decoder(ctx))
+        res = two_stage_grid_search(objective, lo=eta_lo, hi=eta_hi, step=eta_step)
         qs = qs_for(res.best_x)
         return per_tensor(qs, sum(qs.values()) / len(qs), {"eta": res.best_x, "search_score": res.best_score,
                                                             "evaluations": len(res.evaluated)})
