@@ -102,6 +102,22 @@ The pre-trained base of the deltakit family `{family.name}`. {summary}
     write_card(staging, front, body)
 
 
+def finetune_front(family: Family, spec: MemberSpec, pipeline_tag: str) -> dict[str, Any]:
+    """The card fields every fine-tuned member starts with: identity, base model and relation, license, language."""
+    return {
+        "model_id": family.model_id(spec.name),
+        "family": family.name,
+        "member": spec.name,
+        "role": "finetune",
+        "base_model": family.model_id(family.base),
+        "base_model_relation": "finetune",
+        "library_name": "transformers",
+        "pipeline_tag": pipeline_tag,
+        "license": spec.license or family.license,
+        "language": ["en"],
+    }
+
+
 def _build_finetune(
     family: Family, spec: MemberSpec, staging: Path, base_folder: Path, data_folder: Path, progress: bool
 ) -> None:
@@ -139,16 +155,7 @@ def _build_finetune(
             shutil.copyfile(base_folder / name, staging / name)
     tail = history[-max(1, len(history) // 10) :]
     front: dict[str, Any] = {
-        "model_id": family.model_id(spec.name),
-        "family": family.name,
-        "member": spec.name,
-        "role": "finetune",
-        "base_model": family.model_id(family.base),
-        "base_model_relation": "finetune",
-        "library_name": "transformers",
-        "pipeline_tag": "text-classification",
-        "license": spec.license or family.license,
-        "language": ["en"],
+        **finetune_front(family, spec, "text-classification"),
         "datasets": [family.dataset_id],
         "tags": ["deltakit", "bert", "topic-classification" if spec.task == "topic" else "sentiment-analysis"],
         "task": spec.task,

@@ -99,7 +99,7 @@ def build_finetune(family: Family, spec: MemberSpec, staging: Path, base_folder:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deltakit.families.build import software
+    from deltakit.families.build import finetune_front, software
     from deltakit.families.card import write_card
     from deltakit.families.train import fine_tune_lm, seeded
 
@@ -122,16 +122,7 @@ def build_finetune(family: Family, spec: MemberSpec, staging: Path, base_folder:
     metric = "accuracy" if task.evaluation.kind == "choice" else "exact_match"
     recipe = spec.recipe
     front: dict[str, Any] = {
-        "model_id": family.model_id(spec.name),
-        "family": family.name,
-        "member": spec.name,
-        "role": "finetune",
-        "base_model": family.model_id(family.base),
-        "base_model_relation": "finetune",
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "license": spec.license or family.license,
-        "language": ["en"],
+        **finetune_front(family, spec, "text-generation"),
         "tags": ["deltakit", "llama", task.name],
         "task": task.name,
         "task_kind": task.evaluation.kind,
