@@ -10,6 +10,10 @@
    written if missing, then ``deltakit.stats.delta_stats`` runs on the device, then a DARE sweep's preparation:
    the fine-tune loaded onto the device with its base beside it (:class:`deltakit.resident.ResidentModel`) and one
    DARE point applied. Reported: seconds, parameters per second, peak device memory.
+3. **Host-streamed tier.** The 7B-shaped pair (``--host-tier-size``) with the model on the device and base and
+   fine-tune in pinned host memory (:mod:`deltakit.memory`, tier ``host``): seconds per DARE point (two seeds) and
+   the host-to-device bandwidth achieved (base + fine-tune bytes of the prunable tensors per point) next to a plain
+   pinned 256 MiB copy's, the link's practical peak.
 
 Prints a table-like log and ends with one JSON line (also written to ``--json-out``). ``--dry-run`` runs both
 parts on the CPU at toy size (``--device cpu``, the ``tiny`` synthetic shape): it proves the script, not the GPU.
@@ -104,16 +108,63 @@ def scale(device: str, size: str, folder: Path) -> dict:
     return out
 
 
+def host_tier(device: str, size: str, folder: Path) -> dict:
+    """The host-streamed memory tier on the synthetic pair of ``size`` (7B-shaped by default), model on ``device``:
+    seconds per DARE point, and the host-to-device bandwidth it achieved next to a plain pinned copy's."""
+    from deltakit.resident import ResidentModel
+    from deltakit.sources import resolve
+    from deltakit.testing import write_synthetic_family
+
+    paths = write_synthetic_family(folder, size, finetunes=1)
+    base, ft = resolve(str(paths["base"])), resolve(str(paths["ft0"]))
+    cuda = torch.device(device).type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    block = torch.empty(2**28 if cuda else 2**22, dtype=torch.uint8)  # 256 MiB (toy size on CPU)
+    block = block.pin_memory() if cuda else block
+    dst = torch.empty_like(block, device=device)
+    dst.copy_(block, non_blocking=True)
+    sync()
+    start = time.perf_counter()
+    for _ in range(8):
+        dst.copy_(block, non_blocking=True)
+    sync()
+    link_gbps = 8 * block.numel() / (time.perf_counter() - start) / 1e9
+    del dst
+    start = time.perf_counter()
+    rm = ResidentModel(base, ft, device=device, tier="host", preset="darex_decoder")
+    load_s = time.perf_counter() - start
+    moved = sum(2 * t.param.numel() * t.param.element_size() for t in rm.targets)  # base + fine-tune per point
+    seconds = []
+    for seed in (0, 1):
+        sync()
+        start = time.perf_counter()
+        rm.apply("dare", rate=0.9, seed=seed)
+        sync()
+        seconds.append(time.perf_counter() - start)
+    out = {"size": size, "tier": rm.tier, "plan": rm.memory.describe(), "load_s": round(load_s, 2),
+           "seconds_per_point": [round(x, 3) for x in seconds], "bytes_per_point_gb": round(moved / 1e9, 2),
+           "achieved_h2d_gbps": round(moved / min(seconds) / 1e9, 2), "pinned_copy_gbps": round(link_gbps, 2)}
+    out["fraction_of_link"] = round(out["achieved_h2d_gbps"] / out["pinned_copy_gbps"], 3)
+    if cuda:
+        out["peak_device_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", default="1.5b", help="synthetic pair for the scale part (deltakit.testing.SHAPES)")
+    parser.add_argument("--host-tier-size", default="7b", help="synthetic pair for the host-streamed tier part")
     parser.add_argument("--folder", type=Path, help="where the synthetic pair lives (default: a temporary folder)")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy size: checks the script, not the GPU")
     args = parser.parse_args()
     if args.dry_run:
-        args.device, args.size = "cpu", "tiny"
+        args.device, args.size, args.host_tier_size = "cpu", "tiny", "tiny"
     elif torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print(f"device {args.device!r}: no CUDA device here; use --dry-run on a CPU machine", file=sys.stderr)
         return 2
@@ -123,6 +174,8 @@ def main() -> int:
         print("parity:", summary["parity"])
         summary["scale"] = scale(args.device, args.size, args.folder or Path(tmp) / "synthetic")
         print("scale:", summary["scale"])
+        summary["host_tier"] = host_tier(args.device, args.host_tier_size, args.folder or Path(tmp) / "synthetic")
+        print("host tier:", summary["host_tier"])
     summary["ok"] = summary["parity"]["weights_equal"] and math.isfinite(summary["parity"]["max_abs_metric_diff"])
     line = json.dumps(summary)
     print(line)

@@ -15,7 +15,9 @@
 # nbval options switched off (no nbval there); (4) benchmarks/dare_apply.py: GB/s, the fraction of the device's
 # peak bandwidth, the ratio to PEFT's pruning, and a Llama-2-7B-sized apply; (5) benchmarks/device_check.py: the
 # tiny family's sweep on CPU and on CUDA (same masks, bit-identical pruned weights, the metrics side by side) and
-# statistics + a DARE sweep's preparation on the synthetic 1.5B Llama pair. One JSON file holds every figure.
+# statistics + a DARE sweep's preparation on the synthetic 1.5B Llama pair, and the host-streamed memory tier on the
+# 7B-shaped pair (seconds per point, achieved host-to-device GB/s next to a pinned copy's). One JSON file holds
+# every figure.
 # The exit status is non-zero if a test or a check fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +65,7 @@ echo "== DARE apply benchmark"
 "$py" benchmarks/dare_apply.py --json-out "$logs/dare_apply.json" 2>&1 | tee "$logs/dare_apply.txt"
 bench_status=${PIPESTATUS[0]}
 
-echo "== end to end: CPU vs CUDA sweep, synthetic 1.5B pair"
+echo "== end to end: CPU vs CUDA sweep, synthetic 1.5B pair, host-streamed tier on the 7B pair"
 "$py" benchmarks/device_check.py --device cuda --json-out "$logs/device_check.json" 2>&1 | tee "$logs/device_check.txt"
 check_status=${PIPESTATUS[0]}
 
@@ -100,7 +102,7 @@ EOF
   tail -n 60 "$logs/dare_apply.txt"
   echo '```'
   echo
-  echo "## benchmarks/device_check.py (tiny sweep CPU vs CUDA; synthetic 1.5B pair)"
+  echo "## benchmarks/device_check.py (tiny sweep CPU vs CUDA; synthetic 1.5B pair; host-streamed tier, 7B pair)"
   echo
   echo '```'
   grep -v "it/s" "$logs/device_check.txt" | tail -n 20

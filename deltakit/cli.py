@@ -64,12 +64,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     spec = SweepSpec(args.base, args.fine_tune, methods=args.methods, rates=args.rates, seeds=args.seeds,
                      preset=args.preset, include=args.include, exclude=args.exclude, shared_rows=args.shared_rows,
                      task=args.task, split=args.split, eval_limit=args.limit)
-    df = sweep(spec, RunOptions(device=args.device, backend=args.backend, out=args.out, wait=args.wait))
+    df = sweep(spec, RunOptions(device=args.device, backend=args.backend, out=args.out, wait=args.wait,
+                                max_memory=args.max_memory, tier=args.tier))
     metric = _main_metric(df)
     if metric:
         table = summarise(df, metric)[["label", "rate", "mean", "std", "n_seeds", "q"]]
         print(f"{metric}, mean over seeds:")
         print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    if "peak_host_mb" in df and len(df):
+        last = df.iloc[-1]
+        device = "" if last.isna()["peak_device_mb"] else f", device {last['peak_device_mb']:.0f} MB"
+        print(f"{df.attrs.get('memory', '')}; measured peak: host {last['peak_host_mb']:.0f} MB{device}")
     print(f"results: {args.out}/results.parquet")
     return _report_failed(df)
 
@@ -234,6 +239,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="when vocabularies differ, prune the shared rows (added rows keep fine-tuned values)")
     sw.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     sw.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    sw.add_argument("--max-memory", metavar="SIZE",
+                    help="memory budget, e.g. 5GB, 5GiB or cpu=32GB,cuda=20GB (default: 80%% of the available host "
+                         "memory, 90%% of a CUDA device's free memory); the fastest memory tier that fits is used")
+    sw.add_argument("--tier", choices=["resident", "host", "file"],
+                    help="force a memory tier: resident (fastest), host (base and fine-tune in host memory, streamed "
+                         "to the GPU), file (read per tensor from the checkpoint files); all give the same results")
     sw.set_defaults(func=_cmd_sweep)
 
     me = sub.add_parser("merge", help="merge 2-8 fine-tunes of one base over methods x rates x lambdas x seeds; "

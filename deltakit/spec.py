@@ -340,6 +340,12 @@ class RunOptions:
         out: folder of the resumable results store; None keeps results in memory only.
         wait: when another sweep is writing to ``out``, wait for it instead of failing.
         progress: show a progress bar.
+        max_memory: the memory budget (:func:`deltakit.memory.parse_budget`: ``"5GB"``, ``"cpu=32GB,cuda=20GB"``;
+            None: 80% of the available host memory, 90% of a CUDA device's free memory). The sweep picks the fastest
+            memory tier that fits it (:mod:`deltakit.memory`); every tier gives the same results.
+        tier: force a memory tier (``resident``, ``host``, ``file``) instead of choosing one.
+        cache_uniforms: keep each seed's uniform numbers (CPU; 4 bytes per prunable parameter per seed): None when
+            the budget allows, or force it on / off.
     """
 
     device: str = "cpu"
@@ -347,6 +353,9 @@ class RunOptions:
     out: str | Path | None = None
     wait: bool = False
     progress: bool = True
+    max_memory: str | int | dict | None = None
+    tier: str | None = None
+    cache_uniforms: bool | None = None
 
     def check(self) -> torch.device:
         """Refuse a device or kernel backend this machine cannot use, before anything loads.
@@ -355,10 +364,12 @@ class RunOptions:
             The device.
 
         Raises:
-            ValueError: an unknown device string, a CUDA device without CUDA, or an unusable backend.
+            ValueError: an unknown device string, a CUDA device without CUDA, or an unusable backend;
+                :class:`deltakit.memory.MemoryBudgetError`: a malformed memory budget or an unknown tier.
             ImportError: ``backend="triton"`` without the triton package.
         """
         from deltakit.kernels import resolve_backend
+        from deltakit.memory import TIERS, MemoryBudgetError, parse_budget
 
         try:
             dev = torch.device(self.device)
@@ -371,5 +382,9 @@ class RunOptions:
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {self.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
         resolve_backend(self.backend, dev)
+        parse_budget(self.max_memory, dev)
+        if self.tier is not None and self.tier not in TIERS:
+            raise MemoryBudgetError(f"unknown memory tier {self.tier!r}; choose one of {', '.join(TIERS)} (or none, "
+                                    "to pick the fastest that fits the budget).")
         return dev
 

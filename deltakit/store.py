@@ -4,7 +4,11 @@ A record holds everything about one point, on one line::
 
     {"method": "dare", "label": "dare", "params": "{}", "q": 0.5, "rate": 0.5, "seed": 0, "status": "ok",
      "error": null, "prep_seconds": 0.01, "eval_seconds": 0.2, "metrics": {"accuracy": 0.91, "macro_f1": 0.9},
-     "key": "3f0c...", "base": "family:tiny/base", "fine_tune": "family:tiny/sentiment3"}
+     "tier": "resident", "peak_host_mb": 612.4, "peak_device_mb": null, "key": "3f0c...",
+     "base": "family:tiny/base", "fine_tune": "family:tiny/sentiment3"}
+
+``tier`` is the memory tier the point ran in and ``peak_*_mb`` the sweep's peak memory so far
+(:mod:`deltakit.memory`); records written before they existed lack them (NaN in the tidy rows).
 
 ``status`` is ``"ok"`` or ``"failed"`` (then ``error`` says why and ``metrics`` is empty). The line is written with
 one ``os.write`` on an ``O_APPEND`` descriptor and fsynced, so a point is on disk entirely or not at all: a failed
@@ -43,13 +47,13 @@ import pandas as pd
 
 from deltakit.refs import Snapshot
 from deltakit.fileio import json_default, write_atomically
-from deltakit.tensors import TensorReader
+from deltakit.tensors import TensorReader, content_parts
 
 __all__ = ["ResultStore", "StoreError", "StoreLockedError", "check_writable_folder", "fingerprint", "point_key",
            "tidy_rows"]
 
-_FLOAT_FIELDS = ("q", "lam", "prep_seconds", "eval_seconds")  # stored as null when NaN; NaN again in the tidy rows
-_SAMPLES, _SAMPLE_BYTES = 16, 4096
+# stored as null when NaN; NaN again in the tidy rows
+_FLOAT_FIELDS = ("q", "lam", "prep_seconds", "eval_seconds", "peak_host_mb", "peak_device_mb")
 
 
 class StoreError(RuntimeError):
@@ -81,15 +85,8 @@ def fingerprint(snapshot: Snapshot) -> str:
         return f"{snapshot.repo_id}@{snapshot.commit}"
     digest = hashlib.sha256()
     for file in TensorReader(snapshot.path).files:
-        with file.open("rb", buffering=0) as fh:
-            fd = fh.fileno()
-            size = os.fstat(fd).st_size
-            data_start = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")  # the reader checked it fits the file
-            digest.update(f"{file.name}\0{size}\0".encode())
-            digest.update(os.pread(fd, data_start, 0))
-            last = max(size - _SAMPLE_BYTES, data_start)  # where the last sample starts
-            for i in range(_SAMPLES):
-                digest.update(os.pread(fd, _SAMPLE_BYTES, data_start + (last - data_start) * i // (_SAMPLES - 1)))
+        for part in content_parts(file):
+            digest.update(part)
     config = snapshot.path / "config.json"
     if config.is_file():
         digest.update(config.read_bytes())

@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,11 +30,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from deltakit.memory import PeakMemory, is_out_of_memory
 from deltakit.methods import Prepared, get_method
 from deltakit.resident import ResidentModel
 from deltakit.sources import Snapshot, resolve
 from deltakit.spec import MethodSpec, RunOptions, SweepSpec
-from deltakit.store import ResultStore, fingerprint, point_key, tidy_rows
+from deltakit.store import ResultStore, StoreError, fingerprint, point_key, tidy_rows
+from deltakit.tensors import CheckpointChangedError
 
 __all__ = ["SweepContext", "default_evaluator", "run_points", "sweep"]
 
@@ -62,6 +66,9 @@ class SweepContext:
     @property
     def targets(self) -> list:
         return self.rm.targets
+
+    def weights(self, target) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rm.weights(target)
 
     def apply(self, method: str, **kwargs: Any) -> None:
         self.rm.apply(method, **kwargs)
@@ -166,8 +173,11 @@ def _q_of(info, rate: float, params: dict[str, Any]) -> float:
 
 
 def _run_point(ctx: SweepContext, ev: Evaluator, spec: MethodSpec, rate: float, seed: int, *,
-               backend: str) -> dict[str, Any]:
-    """Prepare (if the entry has a prepare step), apply, evaluate; return the point's record (never raises).
+               backend: str, on_oom: Callable[[BaseException], bool] | None = None) -> dict[str, Any]:
+    """Prepare (if the entry has a prepare step), apply, evaluate; return the point's record.
+
+    Raises only :class:`~deltakit.tensors.CheckpointChangedError`; any other error is recorded. When the point runs
+    out of memory and ``on_oom(err)`` says it lowered the memory tier, the point runs once more.
 
     The record is in :mod:`deltakit.store`'s format, less the key and model labels that the sweep adds.
     """
@@ -190,10 +200,38 @@ def _run_point(ctx: SweepContext, ev: Evaluator, spec: MethodSpec, rate: float, 
         t1 = time.perf_counter()
         metrics = {name: float(value) for name, value in ev(ctx.model).items()}
         evs = time.perf_counter() - t1
+    except CheckpointChangedError:
+        raise  # every later point would be wrong: stop (finished points are stored)
     except Exception as err:  # a failed point is recorded and the sweep goes on
+        if on_oom is not None and is_out_of_memory(err) and on_oom(err):
+            return _run_point(ctx, ev, spec, rate, seed, backend=backend)
         return dict(record, status="failed", error=f"{type(err).__name__}: {err}",
                     prep_seconds=time.perf_counter() - t0)
     return dict(record, prep_seconds=prep, eval_seconds=evs, metrics=metrics)
+
+
+def _memory_needs(spec: SweepSpec) -> dict[str, Any]:
+    """What the memory plan needs to know of a spec: how many seeds the uniform cache would hold, and whether a
+    method computes whole-tensor deltas (methods without a fused plan, and prepare steps that read deltas)."""
+    infos = [get_method(s.name) for s in spec.methods]
+    random = any(i.random for i in infos)
+    return dict(n_seeds=len(spec.seeds) if random else 0,
+                full_delta=any(i.plan is None or i.prepare is not None for i in infos))
+
+
+def _lower_tier(rm: ResidentModel, err: BaseException) -> bool:
+    """After an out-of-memory error, lower the tier once and say so; False when it cannot be lowered."""
+    change = rm.step_down(err)
+    if change is not None:
+        warnings.warn(f"deltakit: {change}; the point runs again, finished points are kept.", stacklevel=2)
+    return change is not None
+
+
+def _measured(rm: ResidentModel, peak: PeakMemory, record: dict[str, Any]) -> dict[str, Any]:
+    """The record with the tier it ran in and the peak memory so far (host resident set, CUDA allocations)."""
+    device_peak = peak.device_peak()
+    return dict(record, tier=rm.tier, peak_host_mb=round(peak.host() / 2**20, 1),
+                peak_device_mb=None if device_peak is None else round(device_peak / 2**20, 1))
 
 
 def sweep(
@@ -238,8 +276,14 @@ def sweep(
     with opened as store:
         base_s = spec.base if isinstance(spec.base, Snapshot) else resolve(spec.base)
         ft_s = spec.fine_tune if isinstance(spec.fine_tune, Snapshot) else resolve(spec.fine_tune)
+        peak = PeakMemory(device)
+        peak.reset()
         rm = resident or ResidentModel(base_s, ft_s, preset=spec.preset, include=spec.include, exclude=spec.exclude,
-                                       shared_rows=spec.shared_rows, device=device)
+                                       shared_rows=spec.shared_rows, device=device, max_memory=options.max_memory,
+                                       tier=options.tier, cache_uniforms=options.cache_uniforms,
+                                       **_memory_needs(spec))
+        if options.progress:
+            print(f"deltakit: {rm.memory.describe()}", file=sys.stderr, flush=True)
         ev = evaluator or default_evaluator(ft_s, rm.tokenizer, task=spec.task, split=spec.split,
                                             limit=spec.eval_limit)
         if hasattr(ev, "check_model"):
@@ -258,10 +302,13 @@ def sweep(
         labels = dict(base=base_s.ref, fine_tune=ft_s.ref)
         keys = [point_key(dict(common, method=s.name, params=s.params, rate=r, seed=sd)) for s, r, sd in points]
         try:
-            rows = run_points(points, keys, lambda p: _run_point(ctx, ev, *p, backend=options.backend), store=store,
-                              labels=labels, cancel=cancel, on_point=on_point, progress=options.progress, desc="sweep")
+            rows = run_points(points, keys, lambda p: _measured(rm, peak, _run_point(
+                ctx, ev, *p, backend=options.backend, on_oom=lambda err: _lower_tier(rm, err))), store=store,
+                labels=labels, cancel=cancel, on_point=on_point, progress=options.progress, desc="sweep")
         finally:
-            rm.restore()
+            with contextlib.suppress(CheckpointChangedError):  # the sweep has stopped on it, or had finished
+                rm.restore()
+        rows.attrs["memory"] = rm.memory.describe()
     return rows
 
 
@@ -298,6 +345,11 @@ def run_points(points: Sequence[Any], keys: Sequence[str], run: Callable[[Any], 
             if on_point is not None:
                 on_point(rows)
             bar.update(1)
+    except BaseException:
+        if store:  # the parquet mirrors what is stored even when the sweep stops on an error
+            with contextlib.suppress(StoreError):
+                store.write_parquet()
+        raise
     finally:
         bar.close()
     if store:

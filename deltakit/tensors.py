@@ -35,6 +35,7 @@ their maths in fp32 and write back once in the model's dtype.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
@@ -61,7 +62,7 @@ from deltakit.safetensors_format import (
     show,
 )
 
-__all__ = ["TensorInfo", "TensorReader", "CorruptCheckpointError"]
+__all__ = ["CheckpointChangedError", "CorruptCheckpointError", "TensorInfo", "TensorReader", "content_parts"]
 
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -101,6 +102,28 @@ def _pread(fd: int, size: int, offset: int, what: str) -> bytearray:
             raise Truncated(f"the file ends inside {what}")
         done += got
     return buf
+
+
+SAMPLES, SAMPLE_BYTES = 16, 4096
+
+
+class CheckpointChangedError(RuntimeError):
+    """A weight file changed after it was first read (its header or sampled data differ); the message names it."""
+
+
+def content_parts(file: Path) -> Iterator[bytes]:
+    """What pins a safetensors file's content at a constant cost: its name and size, its header (the 8-byte length
+    and the JSON) and 16 evenly spaced 4 KiB samples of its data. Retraining or re-saving changes almost every byte,
+    so the samples catch it; hashing a 15 GB file whole would take minutes. The file must have been checked by a
+    :class:`TensorReader` (its header length fits the file)."""
+    with _opened(file) as fd:
+        size = os.fstat(fd).st_size
+        data_start = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
+        yield f"{file.name}\0{size}\0".encode()
+        yield os.pread(fd, data_start, 0)
+        last = max(size - SAMPLE_BYTES, data_start)  # where the last sample starts
+        for i in range(SAMPLES):
+            yield os.pread(fd, SAMPLE_BYTES, data_start + (last - data_start) * i // (SAMPLES - 1))
 
 
 @dataclass(frozen=True)
@@ -301,6 +324,33 @@ class TensorReader:
         with self._blame(str(info.file.relative_to(self.folder))), _opened(info.file) as fd:
             buf = _pread(fd, info.nbytes, info.start, f"tensor {show(name)}")
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def digests(self) -> dict[Path, str]:
+        """A sha256 of each weight file's :func:`content_parts` (pickles: of the whole file)."""
+        out = {}
+        for file in self.files:
+            h = hashlib.sha256()
+            for part in (content_parts(file) if self._eager is None else (file.read_bytes(),)):
+                h.update(part)
+            out[file] = h.hexdigest()
+        return out
+
+    def check_unchanged(self, digests: dict[Path, str], *, fix: str = "") -> None:
+        """Refuse files whose content changed since ``digests`` (:meth:`digests`) was taken.
+
+        Raises:
+            CheckpointChangedError: naming the file; ``fix`` ends the message.
+        """
+        try:
+            now = self.digests()
+        except (OSError, ValueError) as err:
+            raise CheckpointChangedError(f"a weight file of {self.folder} can no longer be read ({err}). {fix}") \
+                from None
+        for file, digest in digests.items():
+            if now.get(file) != digest:
+                raise CheckpointChangedError(
+                    f"{file.name} in {self.folder} changed after it was first read (its header or data differ): "
+                    f"the checkpoint was replaced or rewritten while in use. {fix}")
 
     def __len__(self) -> int:
         return len(self._infos)

@@ -64,13 +64,15 @@ class SweepPanel(w.VBox):
             ``base`` and ``fine_tune``); Run uses the snapshots it resolved.
         spec_options: further fields of the :class:`~deltakit.spec.SweepSpec` (e.g. ``search_limit=64``,
             ``preset=...``).
+        max_memory: the memory budget (``5GB``, ``cpu=32GB,cuda=20GB``; blank: 80% of the available memory); the
+            sweep runs in the fastest memory tier that fits it, shown under the buttons with the measured peak.
     """
 
     def __init__(self, base: str | Snapshot = "", fine_tune: str | Snapshot = "", *, methods: Sequence[str] = DEFAULT_METHODS,
                  rates: Sequence[float] = DEFAULT_RATES, seeds: Sequence[int] = DEFAULT_SEEDS,
                  task: str = "", split: str = "test", eval_limit: int = 200, out: str | Path = "",
                  metric: str = "accuracy", evaluator: Callable | None = None, picker: ModelPicker | None = None,
-                 spec_options: dict | None = None) -> None:
+                 spec_options: dict | None = None, max_memory: str = "") -> None:
         self.evaluator = evaluator
         self.spec_options = dict(spec_options or {})
         self.snapshots = KnownSnapshots([base, fine_tune], picker)
@@ -101,6 +103,10 @@ class SweepPanel(w.VBox):
                 field.disabled = True
         self.out = w.Text(value=str(out), description="results dir", placeholder="blank: keep in memory only",
                           layout=w.Layout(width="36em"))
+        self.max_memory = w.Text(value=str(max_memory), description="max memory",
+                                 placeholder="blank: 80% of what is available; e.g. 5GB, cpu=32GB,cuda=20GB",
+                                 layout=w.Layout(width="36em"))
+        self.memory = w.Label("", tooltip="the memory tier the sweep runs in and its measured peak")
         self.metric = w.Dropdown(options=[metric], value=metric, description="metric")
         self.log_rate = w.Checkbox(value=False, description="log axis (kept fraction)")
         self.interval = w.Dropdown(options=[("95% CI of the mean", "ci95"), ("lowest to highest seed", "minmax"),
@@ -128,7 +134,7 @@ class SweepPanel(w.VBox):
         super().__init__([
             self.base, self.fine_tune, self.methods, self.method_specs, self.rates,
             w.HBox([self.seeds, self.metric]), w.HBox([self.task, self.split, self.eval_limit]), self.out,
-            w.HBox([self.run_button, self.cancel_button, self.progress, self.status]),
+            self.max_memory, w.HBox([self.run_button, self.cancel_button, self.progress, self.status]), self.memory,
             w.HBox([self.log_rate, self.interval]), self.figure, self.output,
         ])
         self.add_class("deltakit-sweep-panel")
@@ -156,7 +162,7 @@ class SweepPanel(w.VBox):
             spec = SweepSpec(base, ft, methods=methods, rates=parse_numbers(self.rates.value, float, "rates"),
                              seeds=parse_numbers(self.seeds.value, int, "seeds"), **data, **self.spec_options)
             out = self.out.value.strip() or None
-            options = RunOptions(out=out, progress=False)
+            options = RunOptions(out=out, progress=False, max_memory=self.max_memory.value.strip() or None)
             options.check()
             total = len(spec.points())
         except Exception as err:  # bad input (ValueError, KeyError, ...): say which, start nothing
@@ -174,6 +180,7 @@ class SweepPanel(w.VBox):
             last = rows[0]
             self.status.value = (f"{new_points[0]} new point(s); last: {last['label']} rate {last['rate']:g} "
                                  f"seed {last['seed']} ({last['status']})")
+            self.memory.value = memory_line(last)
             try:
                 self._redraw()
             except Exception as err:  # a drawing problem must not abort the sweep: its rows are still stored
@@ -188,6 +195,9 @@ class SweepPanel(w.VBox):
             resolved = dataclasses.replace(spec, base=self.snapshots.get(base), fine_tune=self.snapshots.get(ft))
             frame = sweep(resolved, options, evaluator=self.evaluator, cancel=cancel, on_point=on_point)
             self.show(frame)
+            if "memory" in frame.attrs:
+                peak = f"; {memory_line(frame.iloc[-1])}" if len(frame) and "tier" in frame else ""
+                self.memory.value = frame.attrs["memory"] + peak
             self.progress.value = total if not cancel.is_set() else self.progress.value
             verb = "cancelled" if cancel.is_set() else "done"
             self.status.value = f"{verb}: {new_points[0]} new point(s), {_n_points(frame)} point(s) shown"
@@ -235,6 +245,18 @@ class SweepPanel(w.VBox):
                 self.figure.layout.yaxis.autorange = True
             plots.metric_curves(r, self.metric.value, figure=self.figure, log_rate=self.log_rate.value,
                                 interval=self.interval.value)
+
+
+def memory_line(row) -> str:
+    """``tier file; peak host 3.91 GB`` from a sweep row (empty for rows stored before tiers were recorded)."""
+    from deltakit.memory import TIER_NAMES, format_size
+
+    tier, host, device = row.get("tier"), row.get("peak_host_mb"), row.get("peak_device_mb")
+    if not isinstance(tier, str):
+        return ""
+    peaks = [f"host {format_size(host * 2**20)}"] if host == host and host is not None else []
+    peaks += [f"device {format_size(device * 2**20)}"] if device == device and device is not None else []
+    return f"tier {TIER_NAMES.get(tier, tier)}; measured peak {', '.join(peaks)}"
 
 
 def _n_points(results: pd.DataFrame) -> int:

@@ -146,6 +146,12 @@ def darex_q_unlabelled(ctx: PrepareContext, *, rate: float, seed: int, backend: 
     return ctx.memo(("unlabelled", rate, step, hi, tuple(seeds)), compute)
 
 
+def _delta(ctx: PrepareContext, target) -> torch.Tensor:
+    """A target's fp32 delta on the CPU."""
+    base, ft = ctx.weights(target)
+    return (ft.float() - base.float()).cpu()
+
+
 def _layer_qs(ctx: PrepareContext, rate: float, eta: float) -> dict[str, float]:
     """The analytical q of every prunable Linear weight with activation statistics (not heads, norms, embeddings)."""
     acts = ctx.activations()
@@ -154,10 +160,9 @@ def _layer_qs(ctx: PrepareContext, rate: float, eta: float) -> dict[str, float]:
     for name, x_mean in acts.mean.items():
         if name not in targets or is_head(name) or module_kind(name) in ("norm", "embedding"):
             continue
-        t = targets[name]
         bias = targets.get(name[: -len(".weight")] + ".bias")
-        delta_b = (bias.ft.float() - bias.base.float()).cpu() if bias is not None else None
-        c = darex.influence((t.ft.float() - t.base.float()).cpu(), x_mean.cpu(), delta_b)
+        delta_b = _delta(ctx, bias) if bias is not None else None
+        c = darex.influence(_delta(ctx, targets[name]), x_mean.cpu(), delta_b)
         out[name] = darex.analytical_q(c, rate=rate, eta=eta).layer_q
     if not out:
         raise ValueError("no Linear weight with activation statistics is prunable: the analytic q needs them.")

@@ -116,7 +116,7 @@ def _wanda_prepare(ctx: PrepareContext, *, rate: float, seed: int, backend: str 
     A 2-D tensor that is no Linear input (an embedding) gets ones: per-row magnitude pruning.
     """
     l2 = ctx.activations().l2
-    shapes = {t.name: t.ft.shape for t in ctx.targets}
+    shapes = {t.name: t.param.shape for t in ctx.targets}
 
     def params_for(name: str) -> dict[str, Tensor]:
         shape = shapes[name]

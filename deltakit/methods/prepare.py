@@ -37,11 +37,15 @@ class PrepareContext(Protocol):
 
     Attributes:
         model: the resident model (its prunable parameters are rewritten by :meth:`apply`).
-        targets: the prunable tensors, each with ``name``, ``base`` and ``ft`` (the base and fine-tuned values).
+        targets: the prunable tensors, each with ``name`` and ``param`` (the model's parameter).
     """
 
     model: Any
     targets: Sequence[Any]
+
+    def weights(self, target: Any) -> tuple[Any, Any]:
+        """The base and fine-tuned values of a target, on the model's device (read from the files when the sweep's
+        memory tier streams them)."""
 
     def apply(self, method: str, *, rate: float, seed: int, backend: str = "auto",
               params_for: Callable[[str], dict[str, Any]] | None = None, **params: Any) -> None:

@@ -35,7 +35,7 @@ GRID = dict(methods=["dare"], rates=[0.2, 0.4, 0.6, 0.8], seeds=[0, 1])  # 2 ref
 N_POINTS = 10
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-TIMING = ["prep_seconds", "eval_seconds"]
+TIMING = ["prep_seconds", "eval_seconds", "peak_host_mb", "peak_device_mb"]  # measured, not results
 
 # A sweep of GRID in a subprocess: python -c SCRIPT OUT DELAY [FILE_SIZE_LIMIT]
 SCRIPT = f"""
