@@ -136,6 +136,7 @@ def main() -> None:
             "tier": result["tier"], "cache": cache == "yes", "plan": result["plan"],
             "seconds_per_point": round(per_point, 3),
             "first_point_seconds": round(result["apply_seconds"][0], 3),
+            "apply_seconds": [round(x, 3) for x in result["apply_seconds"]],
             "digest_seconds_per_point": round(sum(result["digest_seconds"]) / len(result["digest_seconds"]), 3),
             "total_seconds": round(result["total_seconds"], 1), "cpu_seconds": round(usage["cpu_s"], 1),
             "peak_rss_mb": round(usage["peak_rss_mb"], 1),

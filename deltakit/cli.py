@@ -2,7 +2,7 @@
 
     deltakit family list
     deltakit family build [NAME ...]
-    deltakit stats BASE FT [FT ...] [--out DIR] [--json] [--spectral [--spectral-k K]]
+    deltakit stats BASE FT [FT ...] [--out DIR] [--json] [--spectral [--spectral-k K]] [--stream]
     deltakit sweep BASE FT --methods dare magnitude --rates 0.5 0.9 --seeds 0 1 [--task T] [--out DIR]
     deltakit merge BASE FT1 FT2 [FT ...] --methods ta ties dare_ta --rates 0.5 0.9 --lambdas 0.5 1 [--out DIR]
     deltakit export BASE FT [FT ...] --method dare --rate 0.9 --seed 0 --out DIR [--compact] [--push-to-hub ORG/NAME]
@@ -45,7 +45,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     stats = delta_stats(
         args.base, args.fine_tunes, preset=args.preset, include=args.include, exclude=args.exclude,
         shared_rows=args.shared_rows, device=args.device, allow_pickle=args.allow_pickle, progress=not args.json,
-        spectral=args.spectral, spectral_k=args.spectral_k,
+        spectral=args.spectral, spectral_k=args.spectral_k, stream=args.stream,
     )
     # Print first: a late write error must not lose what was computed.
     print(json.dumps(stats.to_json(), default=str) if args.json else stats.summary(), flush=True)
@@ -212,6 +212,9 @@ def _parser() -> argparse.ArgumentParser:
                          "rank at 90%%/99%% energy, merged-LoRA-like low rank)")
     st.add_argument("--spectral-k", type=int, default=64, metavar="K",
                     help="top singular values for --spectral (default: 64)")
+    st.add_argument("--stream", action="store_true",
+                    help="read Hub models by HTTP range requests: download only their small files, never the "
+                         "weights (local folders and family members are read from disk as always)")
     st.set_defaults(func=_cmd_stats)
 
     sw = sub.add_parser("sweep", help="prune a fine-tune over methods x rates x seeds and evaluate every point")

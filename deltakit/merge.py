@@ -38,7 +38,7 @@ from deltakit.methods.merging import merge_keys
 from deltakit.pairing import DEFAULT_PRESET, PairingError, pair_models
 from deltakit.prune import check_finite_delta
 from deltakit.refs import Snapshot
-from deltakit.resident import load_model, load_tokenizer
+from deltakit.resident import load_model, load_tokenizer, require_local
 from deltakit.sources import resolve
 from deltakit.spec import MergeSpec, MethodSpec, RunOptions
 from deltakit.store import ResultStore, fingerprint, point_key
@@ -87,6 +87,7 @@ class MergedModel:
                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                  device: str | torch.device = "cpu", model_loader: Callable[[Path], torch.nn.Module] | None = None,
                  cache_uniforms: bool = True) -> None:
+        require_local(base, *fine_tunes)
         self.base_snapshot, self.ft_snapshots = base, list(fine_tunes)
         self.device = torch.device(device)
         base_reader = TensorReader(base.path)

@@ -31,6 +31,7 @@ import pandas as pd
 
 from deltakit.names import MODULE_KINDS, is_buffer, is_head, layer_index, module_kind
 from deltakit.refs import Snapshot
+from deltakit.hubstream import HubTensorReader, open_reader
 from deltakit.tensors import TensorReader
 
 __all__ = ["DEFAULT_PRESET", "PRESETS", "Preset", "is_causal_lm", "resolve_preset", "prunable_selector", "TensorPair",
@@ -223,8 +224,8 @@ def _check_architecture(base: Snapshot, ft: Snapshot) -> None:
         )
 
 
-def _check_dtype_kinds(base: Snapshot, ft: Snapshot, br: TensorReader, fr: TensorReader,
-                       mapping: dict[str, str]) -> None:
+def _check_dtype_kinds(base: Snapshot, ft: Snapshot, br: TensorReader | HubTensorReader,
+                       fr: TensorReader | HubTensorReader, mapping: dict[str, str]) -> None:
     """Refuse paired names stored as a float on one side and a non-float on the other (a relabelled weight)."""
     relabelled = [f"{n}: base {br.info(b).dtype} vs fine-tune {fr.info(n).dtype}" for n, b in mapping.items()
                   if br.info(b).is_float != fr.info(n).is_float]
@@ -257,8 +258,8 @@ def pair_models(
     include: list[str] | tuple[str, ...] | None = None,
     exclude: list[str] | tuple[str, ...] | None = None,
     shared_rows: bool = False,
-    base_reader: TensorReader | None = None,
-    ft_reader: TensorReader | None = None,
+    base_reader: TensorReader | HubTensorReader | None = None,
+    ft_reader: TensorReader | HubTensorReader | None = None,
     allow_pickle: bool = False,
 ) -> Pairing:
     """Run the homology pre-flight for one fine-tune against its base (headers only).
@@ -271,7 +272,8 @@ def pair_models(
         exclude: extra regexes that make a tensor not prunable.
         shared_rows: when a 2-D embedding or head tensor differs only in dim 0 (vocabulary rows), compare the
             shared leading rows instead of refusing. Other shape differences are always refused.
-        base_reader / ft_reader: readers to reuse (opened from the snapshots otherwise).
+        base_reader / ft_reader: readers to reuse (opened from the snapshots otherwise, by range requests for
+            snapshots resolved with ``stream=True``).
         allow_pickle: passed to the readers.
 
     Returns:
@@ -285,8 +287,8 @@ def pair_models(
     _check_architecture(base, ft)
     preset = resolve_preset(preset, ft)
     is_prunable = prunable_selector(preset, include, exclude)
-    br = base_reader or TensorReader(base.path, allow_pickle=allow_pickle)
-    fr = ft_reader or TensorReader(ft.path, allow_pickle=allow_pickle)
+    br = base_reader or open_reader(base, allow_pickle=allow_pickle)
+    fr = ft_reader or open_reader(ft, allow_pickle=allow_pickle)
     base_float = [n for n in br.names() if br.info(n).is_float and not is_buffer(n)]
     ft_names = fr.names()
     skipped = tuple(n for n in ft_names if not fr.info(n).is_float or is_buffer(n))

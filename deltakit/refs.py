@@ -132,6 +132,9 @@ class Snapshot:
         commit: the resolved 40-hex commit (hub) or None.
         config: the parsed ``config.json`` ({} if absent).
         card: the YAML front matter of ``README.md`` ({} if absent).
+        streamed: a Hub snapshot resolved with ``stream=True``: ``path`` holds only the small files (config, card,
+            index, tokenizer) and the weights are read from the Hub by byte ranges
+            (:class:`deltakit.hubstream.HubTensorReader`).
     """
 
     ref: str
@@ -141,6 +144,7 @@ class Snapshot:
     commit: str | None = None
     config: dict[str, Any] = field(default_factory=dict, compare=False)
     card: dict[str, Any] = field(default_factory=dict, compare=False)
+    streamed: bool = False
 
     @property
     def label(self) -> str:

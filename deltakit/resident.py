@@ -32,7 +32,7 @@ from deltakit.prune import apply_method, check_finite_delta
 from deltakit.refs import Snapshot, SourceError
 from deltakit.tensors import TensorReader
 
-__all__ = ["ResidentModel", "load_model", "load_tokenizer", "refuse_remote_code"]
+__all__ = ["ResidentModel", "load_model", "load_tokenizer", "refuse_remote_code", "require_local"]
 
 
 @dataclass
@@ -46,6 +46,19 @@ class _Target:
     base: torch.Tensor | None = None
     ft: torch.Tensor | None = None
     u: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def require_local(*snapshots: Snapshot) -> None:
+    """Refuse snapshots resolved with ``stream=True``: their weights are not on disk, and a model must be loaded.
+
+    Raises:
+        SourceError: naming the snapshot and the fix.
+    """
+    for snapshot in snapshots:
+        if snapshot.streamed:
+            raise SourceError(f"{snapshot.label!r} was resolved with stream=True, so its weights are not on disk; "
+                              "sweeps, merges and exports load the model: resolve it without stream= (the default "
+                              "downloads it). Streaming serves delta statistics only.")
 
 
 def refuse_remote_code(snapshot: Snapshot) -> None:
@@ -189,6 +202,7 @@ class ResidentModel:
                  model_loader: Callable[[Path], torch.nn.Module] | None = None,
                  max_memory: str | int | dict | None = None, tier: str | None = None,
                  cache_uniforms: bool | None = None, n_seeds: int = 1, full_delta: bool = True) -> None:
+        require_local(base, fine_tune)
         self.base_snapshot, self.ft_snapshot = base, fine_tune
         self.device = torch.device(device)
         self._base_reader = base_reader = TensorReader(base.path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -44,7 +45,7 @@ class Problem(Exception):
 
     template: ClassVar[str] = "{file} cannot be read ({detail})."
 
-    def error(self, file: str, folder: Path) -> CorruptCheckpointError:
+    def error(self, file: str, folder: str | Path) -> CorruptCheckpointError:
         kind = ("safetensors index" if file.endswith(".json") else
                 "safetensors file" if file.endswith(".safetensors") else "state dict")
         return CorruptCheckpointError(

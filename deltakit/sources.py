@@ -11,7 +11,9 @@ A model reference (:class:`ModelRef`, parsed once by :meth:`ModelRef.parse`) is 
 Hub references are resolved with huggingface_hub's ``snapshot_download``, which honours ``HF_ENDPOINT``,
 ``HF_HUB_OFFLINE``, ``HF_HOME`` and the user's login (deltakit never reads, prints or stores the token). Only
 safetensors weights, configs, tokenizer files and the model card are fetched (pickles only with
-``allow_pickle=True``); the snapshot folder is named after the resolved commit, so the result is pinned.
+``allow_pickle=True``); the snapshot folder is named after the resolved commit, so the result is pinned. With
+``stream=True`` only the small files are fetched and the weights are read later by byte ranges
+(:mod:`deltakit.hubstream`), never written to disk.
 
 Every Hub request is bounded in time (:func:`deltakit.hubhttp.bound_hub_requests`). References and snapshots are
 defined in :mod:`deltakit.refs` and re-exported here.
@@ -19,6 +21,7 @@ defined in :mod:`deltakit.refs` and re-exported here.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -44,18 +47,36 @@ def _has_safetensors(path: Path) -> bool:
     return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
 
 
-def _check_weights(path: Path, ref: str, allow_pickle: bool, pickles: list[str] | None = None) -> None:
-    """Refuse a snapshot without usable weights; ``pickles`` lists pickle files known to exist remotely."""
-    local_pickles = [p.name for p in path.glob("pytorch_model*.bin")]
-    if _has_safetensors(path) or (allow_pickle and local_pickles):
+def _check_weights(path: Path, ref: str, allow_pickle: bool, pickles: list[str] | None = None, *,
+                   remote: list[str] | None = None, where: str | None = None) -> None:
+    """Refuse a snapshot without usable weights; ``pickles`` lists pickle files known to exist remotely.
+
+    With ``remote`` (the repo's file names, for a streamed snapshot whose folder holds no weights) the check runs
+    on those names instead of the folder, and ``where`` names the repo in the messages.
+    """
+    if remote is None:
+        names = [p.name for p in path.iterdir() if p.is_file()]
+        found = _has_safetensors(path)
+    else:
+        names = [n for n in remote if "/" not in n]
+        found = "model.safetensors" in names or "model.safetensors.index.json" in names
+    local_pickles = sorted(fnmatch.filter(names, "pytorch_model*.bin"))
+    if found or (allow_pickle and remote is None and local_pickles):
         return
+    if remote is not None and local_pickles:
+        raise SourceError(
+            f"{ref!r} has only pickled weights ({local_pickles}); streaming reads safetensors only. Drop --stream "
+            "(stream=False) to download them, and pass allow_pickle=True (CLI: --allow-pickle) if you trust this "
+            "model (a pickle can run code when loaded)."
+        )
     if pickles or local_pickles:
         raise SourceError(
             f"{ref!r} has only pickled weights ({pickles or local_pickles}). deltakit reads safetensors by default "
             "because a pickle can run code when loaded; if you trust this model pass allow_pickle=True "
             "(CLI: --allow-pickle)."
         )
-    stray = sorted(p.name for p in path.glob("*.safetensors"))
+    stray = sorted(fnmatch.filter(names, "*.safetensors"))
+    path = where or path
     if stray:
         raise SourceError(
             f"{ref!r} has no usable safetensors weights in {path}: deltakit reads model.safetensors or the shards "
@@ -68,7 +89,7 @@ def _check_weights(path: Path, ref: str, allow_pickle: bool, pickles: list[str] 
     )
 
 
-def _hub_snapshot(ref: str, model: ModelRef, allow_pickle: bool) -> Snapshot:
+def _hub_snapshot(ref: str, model: ModelRef, allow_pickle: bool, stream: bool = False) -> Snapshot:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import constants
     from huggingface_hub.errors import (
@@ -79,13 +100,21 @@ def _hub_snapshot(ref: str, model: ModelRef, allow_pickle: bool) -> Snapshot:
     )
 
     repo_id, revision = model.repo_id, model.revision
-    patterns = _ALLOW + (_PICKLE_ALLOW if allow_pickle else [])
+    if stream and constants.HF_HUB_OFFLINE:
+        raise SourceError(f"{ref!r}: streaming reads the weights from the Hub, but HF_HUB_OFFLINE is set. Unset it, "
+                          "or drop --stream (stream=False) to read a downloaded copy from the cache.")
+    # Streaming fetches only the small files; the weights are read later by byte ranges (deltakit.hubstream).
+    patterns = [p for p in _ALLOW if p != "*.safetensors"] if stream else \
+        _ALLOW + (_PICKLE_ALLOW if allow_pickle else [])
     bound_hub_requests()
+    remote = None
     try:
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                       etag_timeout=constants.HF_HUB_ETAG_TIMEOUT))
         pickles = None
-        if not _has_safetensors(path) and not allow_pickle and not constants.HF_HUB_OFFLINE:
+        if stream:  # the weights are not in the folder: check the repo's listing at the pinned commit
+            remote = HfApi().list_repo_files(repo_id, revision=path.name)
+        elif not _has_safetensors(path) and not allow_pickle and not constants.HF_HUB_OFFLINE:
             # Say precisely why nothing came: the repo may hold only pickles, which the patterns skipped.
             pickles = [f for f in HfApi().list_repo_files(repo_id, revision=path.name) if f.endswith(".bin")]
     except RevisionNotFoundError as err:
@@ -112,16 +141,21 @@ def _hub_snapshot(ref: str, model: ModelRef, allow_pickle: bool) -> Snapshot:
             f"could not download {ref!r} from {constants.ENDPOINT} ({type(err).__name__}: {err}). Check the network "
             "and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache."
         ) from err
-    _check_weights(path, ref, allow_pickle, pickles)
-    return Snapshot(ref, path, "hub", repo_id, path.name, _read_config(path), read_card_front_matter(path))
+    _check_weights(path, ref, allow_pickle, pickles, remote=remote,
+                   where=f"{repo_id}@{path.name}" if stream else None)
+    return Snapshot(ref, path, "hub", repo_id, path.name, _read_config(path), read_card_front_matter(path),
+                    streamed=stream)
 
 
-def resolve(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Snapshot:
+def resolve(ref: str | os.PathLike[str], *, allow_pickle: bool = False, stream: bool = False) -> Snapshot:
     """Resolve a model reference to a local snapshot.
 
     Args:
         ref: ``family:FAMILY/MEMBER``, a local directory, ``org/name`` or ``org/name@revision``.
         allow_pickle: accept pickled weights when a model has no safetensors (unsafe for untrusted models).
+        stream: for a Hub reference, fetch only the small files (config, card, index, tokenizer) and pin the
+            commit; the weights are then read by byte ranges (:mod:`deltakit.hubstream`) and never written to disk.
+            Local folders and family members are on disk already: ``stream`` does not apply to them and is ignored.
 
     Returns:
         The snapshot, with its parsed config and model card.
@@ -133,7 +167,7 @@ def resolve(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Snaps
     text = os.fspath(ref)
     model = ModelRef.parse(text)
     if model.kind == "hub":
-        return _hub_snapshot(text, model, allow_pickle)
+        return _hub_snapshot(text, model, allow_pickle, stream)
     if model.kind == "family":
         # The one way down into the family layer, imported here so that resolving a Hub id or a folder never loads
         # it; member_path builds a member that is not built yet (with progress bars), then returns its folder.

@@ -48,9 +48,12 @@ from deltakit.partials import (
     partials_fast,
     partials_torch,
 )
+from deltakit.hubstream import HubTensorReader, open_reader
 from deltakit.sources import Snapshot, resolve
 from deltakit.spectral import SPECTRAL_COLUMNS, spectral_stats
 from deltakit.tensors import TensorReader
+
+Reader = TensorReader | HubTensorReader
 
 __all__ = ["Partials", "partials_torch", "DeltaStats", "delta_stats", "THRESHOLDS", "HIST_LOG10_LO",
            "HIST_LOG10_HI", "BINS_PER_DECADE", "N_BINS", "hist_edges"]
@@ -112,7 +115,8 @@ class DeltaStats:
             the top-k |delta| sets (|A and B| / k, k = ceil(topk * numel) per tensor).
         histograms: long format (model, kind, bin_lo, bin_hi, count), nonzero bins only; kind "all" is global.
         pairing: one row per (model, tensor) of the pre-flight (paired / unpaired / skipped, prunable).
-        meta: base and fine-tune references and commits, preset, thresholds, ``spectral`` and ``spectral_k``.
+        meta: base and fine-tune references and commits, preset, thresholds, ``spectral`` and ``spectral_k``,
+            ``streamed`` (the references read by range requests).
 
     With spectral statistics (``delta_stats(..., spectral=True)``), ``tensors`` has the columns of
     :data:`deltakit.spectral.SPECTRAL_COLUMNS` (NaN / <NA> for tensors that are not 2-D; ``low_rank`` and
@@ -223,6 +227,7 @@ def delta_stats(
     on_progress: Callable[[int, int, str], None] | None = None,
     spectral: bool = False,
     spectral_k: int = 64,
+    stream: bool = False,
 ) -> DeltaStats:
     """Compute delta statistics of one base and one or more fine-tunes, streaming one tensor at a time.
 
@@ -244,6 +249,10 @@ def delta_stats(
         spectral: also compute the spectral statistics of every 2-D delta (:func:`deltakit.spectral.spectral_stats`,
             on ``device``, from the delta in memory: no second read).
         spectral_k: the k of the spectral statistics (top-k energy, randomized SVD, low-rank rule).
+        stream: read Hub references by HTTP range requests (:mod:`deltakit.hubstream`): only their small files are
+            downloaded, each tensor is read once into memory and no weights are written to disk. Local folders
+            and family members are read from disk as always (``stream`` does not apply to them); snapshots handed
+            in are read as they were resolved. ``meta["streamed"]`` lists the references that were streamed.
 
     Returns:
         The statistics.
@@ -258,11 +267,12 @@ def delta_stats(
         raise ValueError(f"topk={topk} must be in (0, 1] (a fraction of each tensor's entries).")
     if spectral and (isinstance(spectral_k, bool) or not isinstance(spectral_k, int) or spectral_k < 1):
         raise ValueError(f"spectral_k={spectral_k!r} must be an integer >= 1 (the number of top singular values).")
-    base_snap = base if isinstance(base, Snapshot) else resolve(base, allow_pickle=allow_pickle)
-    ft_snaps = [f if isinstance(f, Snapshot) else resolve(f, allow_pickle=allow_pickle) for f in fine_tunes]
+    base_snap = base if isinstance(base, Snapshot) else resolve(base, allow_pickle=allow_pickle, stream=stream)
+    ft_snaps = [f if isinstance(f, Snapshot) else resolve(f, allow_pickle=allow_pickle, stream=stream)
+                for f in fine_tunes]
     labels = _labels(ft_snaps)
-    base_reader = TensorReader(base_snap.path, allow_pickle=allow_pickle)
-    ft_readers = [TensorReader(s.path, allow_pickle=allow_pickle) for s in ft_snaps]
+    base_reader = open_reader(base_snap, allow_pickle=allow_pickle)
+    ft_readers = [open_reader(s, allow_pickle=allow_pickle) for s in ft_snaps]
     pairings: list[Pairing] = [
         pair_models(base_snap, s, preset=preset, include=include, exclude=exclude, shared_rows=shared_rows,
                     base_reader=base_reader, ft_reader=r)
@@ -276,7 +286,7 @@ def delta_stats(
     order = [n for n in base_reader.names() if n in by_base]
     dev = torch.device(device)
 
-    def nbytes(reader: TensorReader, name: str) -> int:
+    def nbytes(reader: Reader, name: str) -> int:
         info = reader.info(name)  # header only; TensorInfo.nbytes is 0 for pickled weights, hence numel * itemsize
         return info.numel * info.dtype.itemsize
 
@@ -284,7 +294,7 @@ def delta_stats(
     done = 0
     bar = tqdm(total=total, desc="delta stats", unit="B", unit_scale=True, disable=not progress)
 
-    def read(reader: TensorReader, name: str, model: str) -> torch.Tensor:
+    def read(reader: Reader, name: str, model: str) -> torch.Tensor:
         """Read one tensor onto ``dev``, then advance the progress by its bytes."""
         nonlocal done
         tensor = reader.read(name).to(dev)
@@ -359,6 +369,7 @@ def delta_stats(
         fine_tune_commits=[s.commit for s in ft_snaps], preset=pairings[0].preset, include=list(include or []),
         exclude=list(exclude or []), shared_rows=shared_rows, topk=topk, thresholds=list(THRESHOLDS),
         warnings=[w for p in pairings for w in p.warnings], spectral=spectral, spectral_k=spectral_k,
+        streamed=[s.ref for s in (base_snap, *ft_snaps) if s.streamed],
     )
     layers = rollup("layer", "layer").sort_values(["model", "layer"], ignore_index=True)
     kinds = rollup("kind", "kind").sort_values(["model", "kind"], ignore_index=True)

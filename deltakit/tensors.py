@@ -41,7 +41,7 @@ import os
 import pickle
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +62,8 @@ from deltakit.safetensors_format import (
     show,
 )
 
-__all__ = ["CheckpointChangedError", "CorruptCheckpointError", "TensorInfo", "TensorReader", "content_parts"]
+__all__ = ["CheckpointChangedError", "CorruptCheckpointError", "Entry", "TensorInfo", "TensorReader", "content_parts",
+           "parse_index", "read_header", "shard_entries", "tensor_infos"]
 
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -153,6 +154,72 @@ class TensorInfo:
         return self.dtype.is_floating_point
 
 
+# -- the rules shared by every reader (local files here, Hub byte ranges in deltakit.hubstream) ------------------------
+#: An entry of a validated header: (dtype, shape, begin, end), offsets relative to the data section.
+Entry = tuple[torch.dtype, tuple[int, ...], int, int]
+
+
+def parse_index(raw: bytes) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a ``model.safetensors.index.json``, checked.
+
+    Raises:
+        Invalid: the index is not strict JSON, not an object, or its weight_map is not a non-empty object of
+            tensor name -> shard file name.
+    """
+    index = load_json(raw, "the index")
+    if not isinstance(index, dict):
+        raise Invalid(f"the index is a JSON {type(index).__name__}, not an object")
+    weight_map = index.get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+        raise Invalid("its weight_map is not a non-empty object of tensor name -> shard file name")
+    return weight_map
+
+
+def read_header(size: int, read: Callable[[int, int, str], bytes]) -> tuple[int, dict[str, Entry]]:
+    """Read and validate the header of a safetensors file of ``size`` bytes.
+
+    Args:
+        size: the file's size in bytes.
+        read: ``read(offset, nbytes, what)`` returns exactly ``nbytes`` bytes at ``offset`` (``what`` names them
+            for an error), or raises :class:`Truncated`.
+
+    Returns:
+        (the absolute offset of the data section, tensor name -> entry in header order).
+
+    Raises:
+        Invalid / Unsupported / Truncated: as :func:`deltakit.safetensors_format.parse_header`, plus a header length
+            over the format's limit or past the end of the file.
+    """
+    if size < 8:
+        raise Truncated("the file ends inside the 8-byte header length")
+    header_len = int.from_bytes(read(0, 8, "the 8-byte header length"), "little")
+    if header_len > MAX_HEADER:
+        raise Invalid(f"its header length exceeds the format's limit of {MAX_HEADER:,} bytes")
+    if header_len > size - 8:
+        raise Truncated("the file ends inside its header")
+    return 8 + header_len, parse_header(read(8, header_len, "its header"), size - 8 - header_len)
+
+
+def shard_entries(entries: dict[str, Entry], weight_map: dict[str, str] | None, name: str) -> dict[str, Entry]:
+    """The entries of file ``name`` that are read: all of them without an index, else those the index maps to it.
+
+    Raises:
+        Missing: the index lists a tensor in ``name`` that the file does not hold.
+    """
+    if weight_map is None:
+        return entries
+    listed = [k for k, shard in weight_map.items() if shard == name]
+    if absent := [k for k in listed if k not in entries]:
+        raise Missing(f"it does not hold {len(absent)} of the tensors the index lists in it, e.g. {show(absent[0])}")
+    return {k: entries[k] for k in entries if weight_map.get(k) == name}
+
+
+def tensor_infos(entries: dict[str, Entry], data_start: int, file: Path) -> dict[str, TensorInfo]:
+    """The :class:`TensorInfo` of each entry of ``file``, whose data section starts at ``data_start``."""
+    return {key: TensorInfo(key, dtype, shape, file, data_start + begin, end - begin)
+            for key, (dtype, shape, begin, end) in entries.items()}
+
+
 class TensorReader:
     """Read the tensors of one checkpoint folder lazily and strictly (see the module docstring for the rules).
 
@@ -223,13 +290,7 @@ class TensorReader:
         if not os.path.lexists(self.folder / _INDEX):
             return [], None, set()
         with self._blame(_INDEX):
-            index = load_json(self._checked(_INDEX).read_bytes(), "the index")
-            if not isinstance(index, dict):
-                raise Invalid(f"the index is a JSON {type(index).__name__}, not an object")
-            weight_map = index.get("weight_map")
-            if not (isinstance(weight_map, dict) and weight_map
-                    and all(isinstance(v, str) for v in weight_map.values())):
-                raise Invalid("its weight_map is not a non-empty object of tensor name -> shard file name")
+            weight_map = parse_index(self._checked(_INDEX).read_bytes())
         names = sorted(set(weight_map.values()))
         return names, weight_map, {_INDEX, *(os.path.normpath(n) for n in names)}
 
@@ -262,21 +323,10 @@ class TensorReader:
 
     def _index_safetensors(self, name: str, weight_map: dict[str, str] | None) -> None:
         with self._blame(name), _opened(self._checked(name)) as fd:
-            size = os.fstat(fd).st_size
-            header_len = int.from_bytes(_pread(fd, 8, 0, "the 8-byte header length"), "little")
-            if header_len > MAX_HEADER:
-                raise Invalid(f"its header length exceeds the format's limit of {MAX_HEADER:,} bytes")
-            if header_len > size - 8:
-                raise Truncated("the file ends inside its header")
-            entries = parse_header(bytes(_pread(fd, header_len, 8, "its header")), size - 8 - header_len)
-            if weight_map is not None:
-                listed = [k for k, shard in weight_map.items() if shard == name]
-                if absent := [k for k in listed if k not in entries]:
-                    raise Missing(f"it does not hold {len(absent)} of the tensors the index lists in it, e.g. "
-                                   f"{show(absent[0])}")
-                entries = {k: entries[k] for k in entries if weight_map.get(k) == name}
-        for key, (dtype, shape, begin, end) in entries.items():
-            self._infos[key] = TensorInfo(key, dtype, shape, self.folder / name, 8 + header_len + begin, end - begin)
+            data_start, entries = read_header(os.fstat(fd).st_size,
+                                              lambda offset, size, what: bytes(_pread(fd, size, offset, what)))
+            entries = shard_entries(entries, weight_map, name)
+        self._infos.update(tensor_infos(entries, data_start, self.folder / name))
 
     def _load_pickle(self, name: str) -> None:
         with self._blame(name):

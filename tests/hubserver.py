@@ -23,6 +23,9 @@ Repos behave like git: every commit is an immutable snapshot named by a 40-hex s
 commits, so pinning a download to a branch, a tag or a sha gives the same results as on the Hub. ETags follow the Hub:
 the git blob sha-1 for regular files, the sha-256 of the content for LFS files.
 
+Faults for streaming tests: :meth:`LocalHub.faulty_downloads` makes the downloads of one file drop the connection
+mid-body, stall, ignore ``Range`` or send too many bytes while a ``with`` block runs.
+
 Content is published from Python (:meth:`LocalHub.commit`, :meth:`LocalHub.upload_folder`) or over HTTP with the
 unmodified client (regular uploads only). Not implemented, on purpose: LFS and Xet uploads, authentication (any
 token or none is accepted), private or gated repos, pull requests, pagination (the repos are small) and Xet
@@ -46,7 +49,7 @@ import struct
 import sys
 import threading
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,7 +58,7 @@ from urllib.parse import parse_qs, unquote
 
 import yaml
 
-__all__ = ["LocalHub"]
+__all__ = ["FAULT_KINDS", "DownloadFault", "LocalHub"]
 
 # Repo type (as in the Python API) -> the plural used in URLs.
 _REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
@@ -177,6 +180,32 @@ class _Response:
     status: int
     body: bytes | memoryview = b""
     headers: dict[str, str] = field(default_factory=dict)
+    # A fault (LocalHub.faulty_downloads): send this many bytes of the body, then go silent for `stall_s` seconds
+    # and drop the connection. Content-Length still announces the whole body.
+    cut_after: int | None = None
+    stall_s: float = 0.0
+
+
+#: What LocalHub.faulty_downloads can do to a download.
+FAULT_KINDS = ("drop", "stall", "whole", "extra")
+
+
+@dataclass
+class DownloadFault:
+    """A fault injected into downloads of one file (see :meth:`LocalHub.faulty_downloads`); ``hits`` counts them."""
+
+    repo_id: str
+    path: str
+    kind: str
+    after: int = 0
+    times: int | None = None
+    from_byte: int = 0
+    stall_s: float = 30.0
+    hits: int = 0
+
+    def applies(self, repo_id: str, path: str, start: int) -> bool:
+        return (repo_id, path) == (self.repo_id, self.path) and start >= self.from_byte and (
+            self.times is None or self.hits < self.times)
 
 
 def _json(payload: object, status: int = 200, headers: Mapping[str, str] | None = None) -> _Response:
@@ -378,6 +407,7 @@ class LocalHub:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._url: str | None = None
+        self._faults: list[DownloadFault] = []
 
     # ------------------------------------------------------------------ server lifecycle
 
@@ -436,6 +466,36 @@ class LocalHub:
     def requests(self) -> int:
         with self._lock:
             return self._requests
+
+    @contextlib.contextmanager
+    def faulty_downloads(self, repo_id: str, path: str, kind: str, *, after: int = 0, times: int | None = None,
+                         from_byte: int = 0, stall_s: float = 30.0) -> Iterator[DownloadFault]:
+        """Misbehave on downloads (``GET .../resolve/...``) of one file while the context is open.
+
+        Args:
+            repo_id / path: the file (any revision).
+            kind: ``drop``: send the headers (Content-Length announcing the whole body) and ``after`` bytes of the
+                body, then close the connection. ``stall``: the same, then stay silent for ``stall_s`` seconds
+                before closing. ``whole``: ignore ``Range`` and answer 200 with the whole file. ``extra``: answer
+                the range with ``after`` bytes too many (Content-Length counting them).
+            times: fault this many downloads, then answer normally (None: every one).
+            from_byte: fault only downloads whose range starts at or after this byte (e.g. the data of a tensor,
+                not the header).
+            stall_s: how long a ``stall`` stays silent.
+
+        Yields:
+            The fault; its ``hits`` counts the downloads it changed.
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; kinds: {', '.join(FAULT_KINDS)}")
+        fault = DownloadFault(repo_id, path, kind, after, times, from_byte, stall_s)
+        with self._lock:
+            self._faults.append(fault)
+        try:
+            yield fault
+        finally:
+            with self._lock:
+                self._faults.remove(fault)
 
     # ------------------------------------------------------------------ publishing
 
@@ -1078,14 +1138,24 @@ class LocalHub:
             "Content-Type": "application/octet-stream",
         }
         wanted = _parse_range(headers.get("Range") or "", blob.size) if headers.get("Range") else None
+        fault = next((f for f in self._faults if f.applies(repo_id, path, wanted[0] if isinstance(wanted, tuple)
+                                                            else 0)), None)
+        if fault is not None:
+            fault.hits += 1
         if wanted == "unsatisfiable":
             return _Response(416, b"", {**meta, "Content-Range": f"bytes */{blob.size}"})
-        if wanted is None:
+        if wanted is None or (fault is not None and fault.kind == "whole"):
             return _Response(200, memoryview(blob.data), meta)
         start, end = wanted
-        return _Response(
+        response = _Response(
             206, memoryview(blob.data)[start : end + 1], {**meta, "Content-Range": f"bytes {start}-{end}/{blob.size}"}
         )
+        if fault is not None and fault.kind == "extra":
+            response.body = bytes(response.body) + b"\0" * fault.after
+        elif fault is not None:  # drop, stall
+            response.cut_after = fault.after
+            response.stall_s = fault.stall_s if fault.kind == "stall" else 0.0
+        return response
 
 
 class _Server(ThreadingHTTPServer):
@@ -1099,6 +1169,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, handler)
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self.stopping = threading.Event()  # ends the silence of stalled responses when the server stops
 
     def track(self, connection: socket.socket, add: bool) -> None:
         with self._connections_lock:
@@ -1108,6 +1179,7 @@ class _Server(ThreadingHTTPServer):
                 self._connections.discard(connection)
 
     def close_connections(self) -> None:
+        self.stopping.set()
         with self._connections_lock:
             connections = list(self._connections)
         for connection in connections:
@@ -1122,6 +1194,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every response carries Content-Length
+    # Send each write at once: with Nagle's algorithm the body waits for the ACK of the headers, which the client
+    # delays by ~40 ms, so every small request (a byte range, a HEAD) would cost 40 ms on localhost.
+    disable_nagle_algorithm = True
     server: _Server
 
     def setup(self) -> None:
@@ -1154,6 +1229,15 @@ class _Handler(BaseHTTPRequestHandler):
         # On HEAD, Content-Length announces the size a GET would send (hf_hub_download reads the file size from it).
         self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
+        if method != "HEAD" and response.cut_after is not None:  # a fault: part of the body, then hang up
+            self.wfile.write(response.body[: response.cut_after])
+            self.wfile.flush()
+            if response.stall_s:
+                self.server.stopping.wait(response.stall_s)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if method != "HEAD" and len(response.body):
             self.wfile.write(response.body)
 

@@ -112,8 +112,8 @@ class KnownSnapshots:
         self.given = {m.ref: m for m in models if isinstance(m, Snapshot)}
         self.picker = picker
 
-    def get(self, ref: str) -> Snapshot:
-        """The known snapshot whose reference is ``ref``, else ``deltakit.sources.resolve(ref)``.
+    def get(self, ref: str, *, stream: bool = False) -> Snapshot:
+        """The known snapshot whose reference is ``ref``, else ``deltakit.sources.resolve(ref, stream=stream)``.
 
         Raises:
             deltakit.sources.SourceError: ``ref`` is unknown and cannot be resolved (and what resolve raises).
@@ -122,7 +122,7 @@ class KnownSnapshots:
         if self.picker is not None:
             picked = (self.picker.base_snapshot, self.picker.fine_tune_snapshot)
             known |= {s.ref: s for s in picked if s is not None}
-        return known[ref] if ref in known else resolve(ref)
+        return known[ref] if ref in known else resolve(ref, stream=stream)
 
 
 def error_html(message: str) -> str:

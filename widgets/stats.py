@@ -37,7 +37,9 @@ class StatsDashboard(w.VBox):
     Compute: takes each model's snapshot -- the one handed in or resolved by the picker while the field still
     spells its reference, else resolves it (one progress step each; family members are built on first use) --,
     runs ``delta_stats`` (one more step; with spectral statistics while the ``spectral`` checkbox is ticked, the
-    default) and, when ``stats_dir`` is set, saves the tables there. Load: reads tables saved earlier (``deltakit
+    default; while ``stream`` is ticked, Hub references not resolved yet are resolved with ``stream=True`` and read
+    by range requests, without downloading their weights -- local folders and family members are read from disk)
+    and, when ``stats_dir`` is set, saves the tables there. Load: reads tables saved earlier (``deltakit
     stats ... --out DIR`` writes the same files).
 
     Selectors: ``model`` (the fine-tune shown in the table, the heatmap and the spectral figure), ``kind`` (module
@@ -72,6 +74,9 @@ class StatsDashboard(w.VBox):
         self.load_button = w.Button(description="Load", icon="folder-open")
         self.spectral = w.Checkbox(value=True, description="spectral", indent=False, layout=w.Layout(width="7em"),
                                    tooltip="also compute stable / effective rank and merged-LoRA-like low rank")
+        self.stream = w.Checkbox(value=False, description="stream from the Hub (no download)", indent=False,
+                                 layout=w.Layout(width="18em"),
+                                 tooltip="read Hub models by HTTP range requests; only their small files are saved")
         self.progress = w.IntProgress(value=0, min=0, max=1, description="progress")
         self.status = w.Label("")
         selector = dict(style={"description_width": "initial"}, layout=w.Layout(width="16em"))
@@ -97,7 +102,7 @@ class StatsDashboard(w.VBox):
 
         super().__init__([
             self.base, self.fine_tunes, self.stats_dir,
-            w.HBox([self.compute_button, self.spectral, self.load_button, self.progress, self.status]),
+            w.HBox([self.compute_button, self.spectral, self.stream, self.load_button, self.progress, self.status]),
             self.overview, w.HBox([self.model, self.kind, self.layer]), self.table,
             self.histogram, self.heatmap, self.similarity, self.ranks, self.output,
         ])
@@ -119,14 +124,14 @@ class StatsDashboard(w.VBox):
             self.status.value = "type a base and at least one fine-tune (one per line)."
             return
         out = self.stats_dir.value.strip()
-        spectral = self.spectral.value
+        spectral, stream = self.spectral.value, self.stream.value
 
         def work(cancel: threading.Event) -> None:
             self.progress.value, self.progress.max = 0, 1
             snaps = []
             for ref in [base, *fts]:
                 self.status.value = f"resolving {ref} ..."
-                snaps.append(self.snapshots.get(ref))
+                snaps.append(self.snapshots.get(ref, stream=stream))
             self.status.value = f"computing statistics of {len(fts)} fine-tune(s) ..."
 
             def on_progress(done: int, total: int, current: str) -> None:  # after each tensor read, in bytes
