@@ -4,6 +4,7 @@
     deltakit family build [NAME ...]
     deltakit stats BASE FT [FT ...] [--out DIR] [--json] [--spectral [--spectral-k K]] [--stream]
     deltakit sweep BASE FT --methods dare magnitude --rates 0.5 0.9 --seeds 0 1 [--task T] [--out DIR]
+                   [--ray [ADDRESS] [--workers N]]
     deltakit merge BASE FT1 FT2 [FT ...] --methods ta ties dare_ta --rates 0.5 0.9 --lambdas 0.5 1 [--out DIR]
     deltakit export BASE FT [FT ...] --method dare --rate 0.9 --seed 0 --out DIR [--compact] [--push-to-hub ORG/NAME]
     deltakit demo [--out DIR]
@@ -64,8 +65,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     spec = SweepSpec(args.base, args.fine_tune, methods=args.methods, rates=args.rates, seeds=args.seeds,
                      preset=args.preset, include=args.include, exclude=args.exclude, shared_rows=args.shared_rows,
                      task=args.task, split=args.split, eval_limit=args.limit)
+    runner = None
+    if args.ray is not None:
+        from deltakit.ray_runner import RayRunner  # Ray is imported only here (an optional extra)
+
+        runner = RayRunner(args.ray or None, args.workers)
+    elif args.workers is not None:
+        raise ValueError("--workers sets the number of Ray workers: add --ray (or --ray ADDRESS).")
     df = sweep(spec, RunOptions(device=args.device, backend=args.backend, out=args.out, wait=args.wait,
-                                max_memory=args.max_memory, tier=args.tier))
+                                max_memory=args.max_memory, tier=args.tier), runner=runner)
     metric = _main_metric(df)
     if metric:
         table = summarise(df, metric)[["label", "rate", "mean", "std", "n_seeds", "q"]]
@@ -248,6 +256,13 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--tier", choices=["resident", "host", "file"],
                     help="force a memory tier: resident (fastest), host (base and fine-tune in host memory, streamed "
                          "to the GPU), file (read per tensor from the checkpoint files); all give the same results")
+    sw.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                    help="run the points on Ray workers, one resident model each (pip install 'deltakit[ray]'); "
+                         "ADDRESS attaches to a cluster (e.g. 10.0.0.5:6379); without it: the local cluster of "
+                         "`ray start --head`, else a new local instance. Workers read their own tokens.")
+    sw.add_argument("--workers", type=int, metavar="N",
+                    help="with --ray: the number of workers (default: one per GPU for --device cuda, else one per "
+                         "CPU of the cluster)")
     sw.set_defaults(func=_cmd_sweep)
 
     me = sub.add_parser("merge", help="merge 2-8 fine-tunes of one base over methods x rates x lambdas x seeds; "

@@ -11,6 +11,10 @@ fingerprints, preset, method, params, rate, seed, evaluator fingerprint). Result
 sweep writes a folder at a time), so a killed sweep loses at most the point in flight, and rerunning the same
 sweep skips completed points. ``results.parquet`` is rewritten at the end. The result is a tidy DataFrame:
 one row per (point, metric).
+
+Where the points run is a runner's business (:class:`LocalRunner`, this process; :class:`deltakit.ray_runner.RayRunner`,
+one resident model per Ray worker); planning, skipping stored points and writing the store stay here, in
+:func:`run_points`, the one loop every sweep shares.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pandas as pd
 import torch
@@ -38,7 +42,8 @@ from deltakit.spec import MethodSpec, RunOptions, SweepSpec
 from deltakit.store import ResultStore, StoreError, fingerprint, point_key, tidy_rows
 from deltakit.tensors import CheckpointChangedError
 
-__all__ = ["SweepContext", "default_evaluator", "run_points", "sweep"]
+__all__ = ["LocalRunner", "Runner", "RunningSweep", "SweepContext", "SweepWorker", "default_evaluator",
+           "evaluator_fingerprint", "failed_record", "in_order", "run_points", "sweep"]
 
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 
@@ -183,8 +188,7 @@ def _run_point(ctx: SweepContext, ev: Evaluator, spec: MethodSpec, rate: float, 
     """
     info = get_method(spec.name)
     params = dict(spec.params)
-    record = dict(method=spec.name, label=spec.label, params=json.dumps(params, default=str), q=math.nan, rate=rate,
-                  seed=seed, status="ok", error=None, prep_seconds=math.nan, eval_seconds=math.nan, metrics={})
+    record = _point_record(spec, rate, seed)
     t0 = time.perf_counter()
     try:
         prepared = info.prepare(ctx, rate=rate, seed=seed, backend=backend, **(params if info.applies_as else {})) \
@@ -208,6 +212,19 @@ def _run_point(ctx: SweepContext, ev: Evaluator, spec: MethodSpec, rate: float, 
         return dict(record, status="failed", error=f"{type(err).__name__}: {err}",
                     prep_seconds=time.perf_counter() - t0)
     return dict(record, prep_seconds=prep, eval_seconds=evs, metrics=metrics)
+
+
+def _point_record(spec: MethodSpec, rate: float, seed: int) -> dict[str, Any]:
+    """A point's record before it runs: status ok, no metrics yet."""
+    return dict(method=spec.name, label=spec.label, params=json.dumps(dict(spec.params), default=str), q=math.nan,
+                rate=rate, seed=seed, status="ok", error=None, prep_seconds=math.nan, eval_seconds=math.nan,
+                metrics={})
+
+
+def failed_record(point: tuple[MethodSpec, float, int], error: str) -> dict[str, Any]:
+    """The record of a (method, rate, seed) point that could not run (e.g. its worker died): status failed,
+    ``error`` says why; a rerun of the sweep retries it."""
+    return dict(_point_record(*point), status="failed", error=error)
 
 
 def _memory_needs(spec: SweepSpec) -> dict[str, Any]:
@@ -234,6 +251,144 @@ def _measured(rm: ResidentModel, peak: PeakMemory, record: dict[str, Any]) -> di
                 peak_device_mb=None if device_peak is None else round(device_peak / 2**20, 1))
 
 
+class SweepWorker:
+    """One loaded sweep, ready to run points: the resident model, the evaluator and the prepare context, built once.
+
+    The in-process runner builds one; each Ray actor (:mod:`deltakit.ray_runner`) builds its own from the same spec.
+    :attr:`common` is what every point key of this sweep shares (the models' content fingerprints, the prunable-set
+    preset as paired, the evaluator's fingerprint), so two workers that loaded the same models agree on it.
+
+    Args:
+        spec: what to run; ``spec.base`` / ``spec.fine_tune`` may be references or resolved snapshots.
+        options: checked run options. device: ``options.check()``'s result.
+        evaluator / search_evaluator / calibration_texts / resident: as for :func:`sweep`.
+    """
+
+    def __init__(self, spec: SweepSpec, options: RunOptions, device: torch.device, *,
+                 evaluator: Evaluator | None = None, search_evaluator: Evaluator | None = None,
+                 calibration_texts: Sequence[str] | None = None, resident: ResidentModel | None = None) -> None:
+        base_s = spec.base if isinstance(spec.base, Snapshot) else resolve(spec.base)
+        ft_s = spec.fine_tune if isinstance(spec.fine_tune, Snapshot) else resolve(spec.fine_tune)
+        self.backend = options.backend
+        self.peak = PeakMemory(device)
+        self.peak.reset()
+        rm = resident or ResidentModel(base_s, ft_s, preset=spec.preset, include=spec.include, exclude=spec.exclude,
+                                       shared_rows=spec.shared_rows, device=device, max_memory=options.max_memory,
+                                       tier=options.tier, cache_uniforms=options.cache_uniforms,
+                                       **_memory_needs(spec))
+        self.rm = rm
+        if options.progress:
+            print(f"deltakit: {rm.memory.describe()}", file=sys.stderr, flush=True)
+        ev = evaluator or default_evaluator(ft_s, rm.tokenizer, task=spec.task, split=spec.split,
+                                            limit=spec.eval_limit)
+        if hasattr(ev, "check_model"):
+            ev.check_model(rm.model)
+        self.ev = ev
+        self.ctx = SweepContext(
+            rm,
+            (lambda: search_evaluator) if search_evaluator is not None else
+            (lambda: default_evaluator(ft_s, rm.tokenizer, task=spec.task, split="validation",
+                                       limit=spec.search_limit)),
+            (lambda: list(calibration_texts)) if calibration_texts is not None else
+            (lambda: _train_texts(ft_s, spec.task)),
+        )
+        self.common: dict[str, Any] = dict(spec.key_parts(), preset=rm.pairing.preset, base=fingerprint(base_s),
+                                           fine_tune=fingerprint(ft_s), evaluator=evaluator_fingerprint(ev))
+        self.labels = dict(base=base_s.ref, fine_tune=ft_s.ref)
+
+    @property
+    def memory(self) -> str:
+        """The memory plan, in words (:meth:`deltakit.memory.MemoryPlan.describe`)."""
+        return self.rm.memory.describe()
+
+    def run(self, point: tuple[MethodSpec, float, int]) -> dict[str, Any]:
+        """Run one (method, rate, seed) point; its record with the memory tier and peak (never raises, except
+        :class:`~deltakit.tensors.CheckpointChangedError`)."""
+        return _measured(self.rm, self.peak, _run_point(self.ctx, self.ev, *point, backend=self.backend,
+                                                        on_oom=lambda err: _lower_tier(self.rm, err)))
+
+    def restore(self) -> None:
+        """Put the fine-tuned weights back (after the last point, or when the sweep stops on an error)."""
+        with contextlib.suppress(CheckpointChangedError):  # the sweep has stopped on it, or had finished
+            self.rm.restore()
+
+
+def evaluator_fingerprint(ev: Evaluator) -> str:
+    """What pins an evaluator in the point keys: its ``fingerprint`` attribute, else its qualified name."""
+    return getattr(ev, "fingerprint", getattr(ev, "__qualname__", repr(ev)))
+
+
+Dispatch = Callable[[Sequence[tuple[int, Any]], threading.Event | None], Iterator[tuple[int, dict[str, Any]]]]
+"""``(pending, cancel) -> (index, record), ...``: runs the pending ``(index, point)`` pairs and yields each record
+as it finishes, in any order; it stops handing out points once ``cancel`` is set (points in flight still finish)."""
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Where a sweep's points run: :class:`LocalRunner` (this process) or :class:`deltakit.ray_runner.RayRunner`.
+
+    A runner only runs points; the driver (:func:`sweep`) plans them, skips stored ones and is the only writer of
+    the results store.
+    """
+
+    def check(self, options: RunOptions) -> None:
+        """Refuse run options this runner cannot use, before the store opens or anything loads."""
+        ...
+
+    def open(self, spec: SweepSpec, options: RunOptions, *, evaluator: Evaluator | None,
+             search_evaluator: Evaluator | None, calibration_texts: Sequence[str] | None,
+             resident: ResidentModel | None) -> contextlib.AbstractContextManager[RunningSweep]:
+        """Load the sweep's models wherever the points run; the context gives its :class:`RunningSweep`."""
+        ...
+
+
+@dataclass
+class RunningSweep:
+    """A loaded sweep as the driver sees it.
+
+    Attributes:
+        common: the key parts every point shares (:attr:`SweepWorker.common`).
+        labels: the model references added to every record.
+        memory: the memory plan in words (per worker).
+        dispatch: runs pending points (:data:`Dispatch`).
+    """
+
+    common: dict[str, Any]
+    labels: dict[str, str]
+    memory: str
+    dispatch: Dispatch
+
+
+def in_order(run: Callable[[Any], dict[str, Any]]) -> Dispatch:
+    """The in-process dispatch: the pending points one after the other, checking ``cancel`` before each."""
+
+    def dispatch(pending: Sequence[tuple[int, Any]], cancel: threading.Event | None) -> Iterator[tuple[int, dict]]:
+        for index, point in pending:
+            if cancel is not None and cancel.is_set():
+                return
+            yield index, run(point)
+
+    return dispatch
+
+
+class LocalRunner:
+    """Run every point in this process, on ``options.device`` (the default runner)."""
+
+    def check(self, options: RunOptions) -> None:
+        options.check()
+
+    @contextlib.contextmanager
+    def open(self, spec: SweepSpec, options: RunOptions, *, evaluator: Evaluator | None = None,
+             search_evaluator: Evaluator | None = None, calibration_texts: Sequence[str] | None = None,
+             resident: ResidentModel | None = None) -> Iterator[RunningSweep]:
+        worker = SweepWorker(spec, options, options.check(), evaluator=evaluator, search_evaluator=search_evaluator,
+                             calibration_texts=calibration_texts, resident=resident)
+        try:
+            yield RunningSweep(worker.common, worker.labels, worker.memory, in_order(worker.run))
+        finally:
+            worker.restore()
+
+
 def sweep(
     spec: SweepSpec,
     options: RunOptions | None = None,
@@ -244,6 +399,7 @@ def sweep(
     cancel: threading.Event | None = None,
     on_point: Callable[[list[dict]], None] | None = None,
     resident: ResidentModel | None = None,
+    runner: Runner | None = None,
 ) -> pd.DataFrame:
     """Run a sweep: every point of ``spec`` (methods x rates x seeds, plus the references), evaluated.
 
@@ -257,7 +413,10 @@ def sweep(
             (default: 64 texts of the task's ``train`` split).
         cancel: an event checked between points (a cancelled sweep returns what it has).
         on_point: called with the tidy rows of each finished point (live plots).
-        resident: reuse an already loaded :class:`ResidentModel` (its models must be the spec's).
+        resident: reuse an already loaded :class:`ResidentModel` (its models must be the spec's; in process only).
+        runner: where the points run: :class:`LocalRunner` (default, this process) or
+            :class:`deltakit.ray_runner.RayRunner` (one resident model per Ray worker; this process plans the
+            points and is the only writer of the store). Every runner gives the same keys and results.
 
     Returns:
         Tidy rows: key, base, fine_tune, method, label, params, q, rate, seed, metric, value, status, error,
@@ -269,75 +428,55 @@ def sweep(
             point could not be appended (full disk); StoreLockedError: another sweep is writing to it.
     """
     options = options or RunOptions()
-    device = options.check()
+    runner = runner or LocalRunner()
+    runner.check(options)
     points = spec.points()
     # The store's checks and its writer lock come before any model loads: a bad or busy folder fails at once.
     opened = ResultStore(options.out).writer(wait=options.wait) if options.out is not None else contextlib.nullcontext()
-    with opened as store:
-        base_s = spec.base if isinstance(spec.base, Snapshot) else resolve(spec.base)
-        ft_s = spec.fine_tune if isinstance(spec.fine_tune, Snapshot) else resolve(spec.fine_tune)
-        peak = PeakMemory(device)
-        peak.reset()
-        rm = resident or ResidentModel(base_s, ft_s, preset=spec.preset, include=spec.include, exclude=spec.exclude,
-                                       shared_rows=spec.shared_rows, device=device, max_memory=options.max_memory,
-                                       tier=options.tier, cache_uniforms=options.cache_uniforms,
-                                       **_memory_needs(spec))
-        if options.progress:
-            print(f"deltakit: {rm.memory.describe()}", file=sys.stderr, flush=True)
-        ev = evaluator or default_evaluator(ft_s, rm.tokenizer, task=spec.task, split=spec.split,
-                                            limit=spec.eval_limit)
-        if hasattr(ev, "check_model"):
-            ev.check_model(rm.model)
-        ctx = SweepContext(
-            rm,
-            (lambda: search_evaluator) if search_evaluator is not None else
-            (lambda: default_evaluator(ft_s, rm.tokenizer, task=spec.task, split="validation",
-                                       limit=spec.search_limit)),
-            (lambda: list(calibration_texts)) if calibration_texts is not None else
-            (lambda: _train_texts(ft_s, spec.task)),
-        )
-        common = dict(spec.key_parts(), preset=rm.pairing.preset, base=fingerprint(base_s),
-                      fine_tune=fingerprint(ft_s),
-                      evaluator=getattr(ev, "fingerprint", getattr(ev, "__qualname__", repr(ev))))
-        labels = dict(base=base_s.ref, fine_tune=ft_s.ref)
-        keys = [point_key(dict(common, method=s.name, params=s.params, rate=r, seed=sd)) for s, r, sd in points]
-        try:
-            rows = run_points(points, keys, lambda p: _measured(rm, peak, _run_point(
-                ctx, ev, *p, backend=options.backend, on_oom=lambda err: _lower_tier(rm, err))), store=store,
-                labels=labels, cancel=cancel, on_point=on_point, progress=options.progress, desc="sweep")
-        finally:
-            with contextlib.suppress(CheckpointChangedError):  # the sweep has stopped on it, or had finished
-                rm.restore()
-        rows.attrs["memory"] = rm.memory.describe()
+    with opened as store, runner.open(spec, options, evaluator=evaluator, search_evaluator=search_evaluator,
+                                      calibration_texts=calibration_texts, resident=resident) as running:
+        keys = [point_key(dict(running.common, method=s.name, params=s.params, rate=r, seed=sd))
+                for s, r, sd in points]
+        rows = run_points(points, keys, None, dispatch=running.dispatch, store=store, labels=running.labels,
+                          cancel=cancel, on_point=on_point, progress=options.progress, desc="sweep")
+        rows.attrs["memory"] = running.memory
     return rows
 
 
-def run_points(points: Sequence[Any], keys: Sequence[str], run: Callable[[Any], dict[str, Any]], *,
+def run_points(points: Sequence[Any], keys: Sequence[str], run: Callable[[Any], dict[str, Any]] | None, *,
                store: ResultStore | None, labels: dict[str, str], cancel: threading.Event | None,
-               on_point: Callable[[list[dict]], None] | None, progress: bool, desc: str) -> pd.DataFrame:
-    """The loop every sweep shares: skip stored points, run the others in order, append each record, report rows.
+               on_point: Callable[[list[dict]], None] | None, progress: bool, desc: str,
+               dispatch: Dispatch | None = None) -> pd.DataFrame:
+    """The loop every sweep shares: skip stored points, run the others, append each record, report rows.
 
     Args:
-        points / keys: the points in run order and their keys. run: ``point -> record`` (never raises).
+        points / keys: the points in run order and their keys (a key listed twice runs once).
+        run: ``point -> record`` (never raises), run in order in this process; or None with ``dispatch``.
         store: the open results store, or None. labels: fields added to every record (model references).
         cancel: checked between points. on_point: called with each new point's tidy rows. progress / desc: the bar.
+        dispatch: runs the pending points elsewhere and yields their records as they finish (:data:`Dispatch`);
+            this loop stays the only writer of the store.
 
     Returns:
         The tidy rows of this run's points: the stored ones (the store may hold other runs' points too) and the new.
     """
+    if (run is None) == (dispatch is None):
+        raise TypeError("run_points takes exactly one of run (a point -> record callable) and dispatch.")
+    dispatch = dispatch or in_order(run)
     own = set(keys)
     stored = [r for r in (store.records() if store else []) if r["status"] == "ok" and r["key"] in own]
     done = {r["key"] for r in stored}
     rows_out = [row for r in stored for row in tidy_rows(r)]
+    pending, planned = [], set(done)
+    for index, (point, key) in enumerate(zip(points, keys)):
+        if key not in planned:
+            planned.add(key)
+            pending.append((index, point))
     bar = tqdm(total=len(points), desc=desc, unit="point", disable=not progress)
+    bar.update(len(points) - len(pending))
     try:
-        for point, key in zip(points, keys):
-            if key in done:
-                bar.update(1)
-                continue
-            if cancel is not None and cancel.is_set():
-                break
-            record = dict(run(point), key=key, **labels)
+        for index, result in dispatch(pending, cancel):
+            record = dict(result, key=keys[index], **labels)
             if store:
                 store.append(record)
             rows = tidy_rows(record)

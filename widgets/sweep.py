@@ -22,7 +22,7 @@ from deltakit.methods import get_method, sweep_methods
 from deltakit.sources import Snapshot
 from deltakit.spec import DEFAULT_METHODS, DEFAULT_RATES, DEFAULT_SEEDS, RunOptions, SweepSpec
 from deltakit.store import ResultStore
-from deltakit.sweep import sweep
+from deltakit.sweep import LocalRunner, sweep
 from deltakit.widgets._common import BackgroundJob, KnownSnapshots, parse_numbers, reference, report_error
 from deltakit.widgets.picker import ModelPicker
 
@@ -66,13 +66,16 @@ class SweepPanel(w.VBox):
             ``preset=...``).
         max_memory: the memory budget (``5GB``, ``cpu=32GB,cuda=20GB``; blank: 80% of the available memory); the
             sweep runs in the fastest memory tier that fits it, shown under the buttons with the measured peak.
+        workers: 0 runs the points in this process; N > 0 runs them on N Ray workers
+            (:class:`deltakit.ray_runner.RayRunner`: the Ray instance this kernel has, else a local cluster started
+            with ``ray start``, else a new local one), each holding its own copy of the model.
     """
 
     def __init__(self, base: str | Snapshot = "", fine_tune: str | Snapshot = "", *, methods: Sequence[str] = DEFAULT_METHODS,
                  rates: Sequence[float] = DEFAULT_RATES, seeds: Sequence[int] = DEFAULT_SEEDS,
                  task: str = "", split: str = "test", eval_limit: int = 200, out: str | Path = "",
                  metric: str = "accuracy", evaluator: Callable | None = None, picker: ModelPicker | None = None,
-                 spec_options: dict | None = None, max_memory: str = "") -> None:
+                 spec_options: dict | None = None, max_memory: str = "", workers: int = 0) -> None:
         self.evaluator = evaluator
         self.spec_options = dict(spec_options or {})
         self.snapshots = KnownSnapshots([base, fine_tune], picker)
@@ -106,6 +109,9 @@ class SweepPanel(w.VBox):
         self.max_memory = w.Text(value=str(max_memory), description="max memory",
                                  placeholder="blank: 80% of what is available; e.g. 5GB, cpu=32GB,cuda=20GB",
                                  layout=w.Layout(width="36em"))
+        self.workers = w.BoundedIntText(value=workers, min=0, max=4096, description="workers",
+                                        tooltip="0 = in this process; N > 0 = N Ray workers (pip install "
+                                                "'deltakit[ray]')")
         self.memory = w.Label("", tooltip="the memory tier the sweep runs in and its measured peak")
         self.metric = w.Dropdown(options=[metric], value=metric, description="metric")
         self.log_rate = w.Checkbox(value=False, description="log axis (kept fraction)")
@@ -134,7 +140,8 @@ class SweepPanel(w.VBox):
         super().__init__([
             self.base, self.fine_tune, self.methods, self.method_specs, self.rates,
             w.HBox([self.seeds, self.metric]), w.HBox([self.task, self.split, self.eval_limit]), self.out,
-            self.max_memory, w.HBox([self.run_button, self.cancel_button, self.progress, self.status]), self.memory,
+            w.HBox([self.max_memory, self.workers]),
+            w.HBox([self.run_button, self.cancel_button, self.progress, self.status]), self.memory,
             w.HBox([self.log_rate, self.interval]), self.figure, self.output,
         ])
         self.add_class("deltakit-sweep-panel")
@@ -163,7 +170,12 @@ class SweepPanel(w.VBox):
                              seeds=parse_numbers(self.seeds.value, int, "seeds"), **data, **self.spec_options)
             out = self.out.value.strip() or None
             options = RunOptions(out=out, progress=False, max_memory=self.max_memory.value.strip() or None)
-            options.check()
+            runner = None
+            if self.workers.value > 0:
+                from deltakit.ray_runner import RayRunner  # imports Ray only when a sweep starts
+
+                runner = RayRunner(workers=self.workers.value)  # without Ray: ImportError saying how to install it
+            (runner or LocalRunner()).check(options)
             total = len(spec.points())
         except Exception as err:  # bad input (ValueError, KeyError, ...): say which, start nothing
             self.status.value = "not started: " + report_error(self.output, err)
@@ -191,9 +203,11 @@ class SweepPanel(w.VBox):
             self.show(stored)
             self.progress.value, self.progress.max = 0, total
             reuse = " (stored points are reused)" if len(stored) else ""
-            self.status.value = f"loading models; {total} points to run{reuse}"
+            where = f" on {self.workers.value} Ray worker(s)" if runner is not None else ""
+            self.status.value = f"loading models{where}; {total} points to run{reuse}"
             resolved = dataclasses.replace(spec, base=self.snapshots.get(base), fine_tune=self.snapshots.get(ft))
-            frame = sweep(resolved, options, evaluator=self.evaluator, cancel=cancel, on_point=on_point)
+            frame = sweep(resolved, options, evaluator=self.evaluator, cancel=cancel, on_point=on_point,
+                          runner=runner)
             self.show(frame)
             if "memory" in frame.attrs:
                 peak = f"; {memory_line(frame.iloc[-1])}" if len(frame) and "tier" in frame else ""
