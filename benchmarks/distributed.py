@@ -104,18 +104,16 @@ print(json.dumps({{"seconds": seconds, "mean_abs": float(st.overall["mean_abs"].
 def _stream_part(family: str, member: str, folder: Path) -> dict:
     from tests.hubserver import LocalHub
 
-    from deltakit.families import build_family
-    from deltakit.families.layout import deltakit_home
+    from deltakit.sources import resolve
 
-    build_family(family, progress=True)
-    family_dir = deltakit_home() / "families" / family
+    folders = {m: resolve(f"family:{family}/{m}").path for m in ("base", member)}  # builds just these two if needed
     hub = LocalHub()
     endpoint = hub.start()
     try:
         repos = {}
         for m in ("base", member):
             repos[m] = f"bench/{family}-{m}"
-            hub.upload_folder(repos[m], family_dir / m)
+            hub.upload_folder(repos[m], folders[m])
         out = {}
         for mode in ("download", "stream"):
             home = folder / f"hf-{mode}"
@@ -126,7 +124,7 @@ def _stream_part(family: str, member: str, folder: Path) -> dict:
             out[mode] = dict(json.loads(proc.stdout.strip().splitlines()[-1]), requests=hub.requests - before)
     finally:
         hub.stop()
-    weights = sum(p.stat().st_size for m in ("base", member) for p in (family_dir / m).glob("*.safetensors"))
+    weights = sum(p.stat().st_size for m in ("base", member) for p in folders[m].glob("*.safetensors"))
     return {"family": family, "weights_bytes": weights, **{f"{k}_{f}": v for k, r in out.items() for f, v in r.items()},
             "same_statistics": out["stream"]["mean_abs"] == out["download"]["mean_abs"],
             "stream_vs_download": round(out["stream"]["seconds"] / out["download"]["seconds"], 3)}
