@@ -209,7 +209,7 @@ class RayRunner:
             if options.progress:
                 print(f"deltakit: {n} Ray worker(s); each: {memory}", file=sys.stderr, flush=True)
             labels = dict(base=_label(spec.base), fine_tune=_label(spec.fine_tune))
-            yield RunningSweep(common, labels, f"{n} Ray worker(s); each: {memory}", pool.dispatch)
+            yield RunningSweep(common, labels, lambda: f"{n} Ray worker(s); each: {memory}", pool.dispatch)
         finally:
             if pool is not None:
                 pool.close()

@@ -349,13 +349,13 @@ class RunningSweep:
     Attributes:
         common: the key parts every point shares (:attr:`SweepWorker.common`).
         labels: the model references added to every record.
-        memory: the memory plan in words (per worker).
+        memory: the memory plan in words (per worker), asked when the sweep ends (a tier lowered on the way says so).
         dispatch: runs pending points (:data:`Dispatch`).
     """
 
     common: dict[str, Any]
     labels: dict[str, str]
-    memory: str
+    memory: Callable[[], str]
     dispatch: Dispatch
 
 
@@ -384,7 +384,7 @@ class LocalRunner:
         worker = SweepWorker(spec, options, options.check(), evaluator=evaluator, search_evaluator=search_evaluator,
                              calibration_texts=calibration_texts, resident=resident)
         try:
-            yield RunningSweep(worker.common, worker.labels, worker.memory, in_order(worker.run))
+            yield RunningSweep(worker.common, worker.labels, lambda: worker.memory, in_order(worker.run))
         finally:
             worker.restore()
 
@@ -439,7 +439,7 @@ def sweep(
                 for s, r, sd in points]
         rows = run_points(points, keys, None, dispatch=running.dispatch, store=store, labels=running.labels,
                           cancel=cancel, on_point=on_point, progress=options.progress, desc="sweep")
-        rows.attrs["memory"] = running.memory
+        rows.attrs["memory"] = running.memory()
     return rows
 
 
