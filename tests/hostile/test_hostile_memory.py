@@ -4,7 +4,6 @@ wrong unit or form (refused before anything loads, naming the value)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,22 +21,11 @@ from deltakit.resident import ResidentModel
 from deltakit.spec import RunOptions, SweepSpec
 from deltakit.sweep import sweep
 from deltakit.tensors import SAMPLE_BYTES, SAMPLES, CheckpointChangedError, CorruptCheckpointError
+from tests.weights import weights_digest
 
 BASE, FT = "family:tiny/base", "family:tiny/sentiment3"
 WEIGHTS = "model.safetensors"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def weights_digest(model: torch.nn.Module) -> dict[str, float]:
-    """One number that changes with any bit of any parameter."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return {"accuracy": float(int(h.hexdigest()[:12], 16))}
-
-
-weights_digest.fingerprint = "weights-digest-v1"
 
 
 class Evaluator:

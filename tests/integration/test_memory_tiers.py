@@ -4,7 +4,6 @@ anything loads, and the CLI reports both."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from deltakit.sources import resolve
 from deltakit.spec import RunOptions, SweepSpec
 from deltakit.store import ResultStore
 from deltakit.sweep import sweep
+from tests.weights import weights_digest
 
 BASE, FT = "family:tiny/base", "family:tiny/sentiment3"
 LLM_BASE, LLM_FT = "family:tiny-llm/base", "family:tiny-llm/arith"
@@ -26,18 +26,6 @@ TEXTS = ["a fine film", "the worst plot", "i loved it", "not good at all"] * 2
 # A one-point eta grid: the analytic q still reads every delta through the tier, in seconds.
 ANALYTIC = "darex_q_analytic:eta_lo=0.1,eta_hi=0.1,eta_step=0.1"
 FIXED_RSS = 400 * 2**20  # the process's memory as planning sees it, fixed so that estimates do not drift
-
-
-def weights_digest(model: torch.nn.Module) -> dict[str, float]:
-    """An evaluator whose one number changes with any bit of any parameter (so equal numbers: equal weights)."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return {"accuracy": float(int(h.hexdigest()[:12], 16))}
-
-
-weights_digest.fingerprint = "weights-digest-v1"
 
 
 class FallingSearch:
